@@ -1,0 +1,405 @@
+"""CIFAR-10 python archive -> train / val / test FFCV betons, plus a manifest that proves them.
+
+Why a manifest: the trainer must refuse stale or half-written data, and a rerun must be free.
+The manifest is written last, so its presence (with matching hashes) means the set is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import io
+import pickle
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .utils import UserError, atomic_path, file_digests, run_cli, sha256_file, write_json_atomic
+
+OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
+ARCHIVE_NAME = "cifar-10-python.tar.gz"
+BATCH_DIR = "cifar-10-batches-py"
+TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_BATCH = "test_batch"
+NUM_CLASSES = 10
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Cifar:
+    """The official 50,000 training and 10,000 test images, as N x 3072 uint8 planes (R, G, B)."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and validating the source
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickle only plain containers and numpy arrays: a CIFAR batch needs nothing else."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"forbidden object {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _parse_batch(name: str, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        batch = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as err:  # any unpickling failure is a bad file, whatever its kind
+        raise UserError(f"{name} is not a CIFAR-10 batch pickle ({err})") from None
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise UserError(f"{name} is not a CIFAR-10 batch (needs the keys b'data' and b'labels')")
+    data = batch[b"data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shape = getattr(data, "shape", None)
+        dtype = getattr(data, "dtype", type(data).__name__)
+        raise UserError(f"{name}: b'data' must be a uint8 array of shape (N, 3072), got {dtype} {shape}")
+    try:
+        labels = np.asarray(batch[b"labels"])
+    except Exception:
+        raise UserError(f"{name}: b'labels' is not a list of integers") from None
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{name}: b'labels' must be a list of integers")
+    if len(labels) != len(data):
+        raise UserError(f"{name}: {len(labels)} labels for {len(data)} images")
+    bad = np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
+    if bad.size:
+        raise UserError(f"{name}: label {labels[bad[0]]} at position {bad[0]} is outside 0-9")
+    return data, labels.astype(np.int64)
+
+
+def _read_members_from_dir(root: Path) -> dict[str, bytes]:
+    folder = root / BATCH_DIR if (root / BATCH_DIR).is_dir() else root
+    out = {}
+    for name in [*TRAIN_BATCHES, TEST_BATCH]:
+        path = folder / name
+        if not path.is_file():
+            raise UserError(f"{folder} has no {name} (expected an extracted {BATCH_DIR} folder)")
+        out[name] = path.read_bytes()
+    return out
+
+
+def _read_members_from_tar(path: Path) -> dict[str, bytes]:
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            raise UserError(f"{path} is not a gzip file (expected the CIFAR-10 python .tar.gz)")
+    wanted = {f"{BATCH_DIR}/{n}": n for n in [*TRAIN_BATCHES, TEST_BATCH]}
+    out: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:
+                name = member.name.removeprefix("./")
+                if name in wanted and member.isfile():
+                    out[wanted[name]] = tar.extractfile(member).read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise UserError(f"{path} is truncated or corrupt ({err})") from None
+    except tarfile.ReadError as err:
+        msg = str(err)
+        if "unexpected end" in msg or "truncated" in msg or "compressed file ended" in msg:
+            raise UserError(f"{path} is truncated or corrupt ({msg})") from None
+        raise UserError(f"{path} is not a tar archive ({msg})") from None
+    for full, short in wanted.items():
+        if short not in out:
+            raise UserError(f"{path} has no {full}")
+    return out
+
+
+def load_cifar(source: Path, expect_counts: tuple[int, int] = (50_000, 10_000)) -> Cifar:
+    """Read and validate the five training batches and the test batch of a CIFAR-10 python copy."""
+    source = Path(source)
+    if not source.exists():
+        raise UserError(f"source not found: {source}")
+    raw = _read_members_from_dir(source) if source.is_dir() else _read_members_from_tar(source)
+    train = [_parse_batch(n, raw[n]) for n in TRAIN_BATCHES]
+    test_x, test_y = _parse_batch(TEST_BATCH, raw[TEST_BATCH])
+    train_x = np.concatenate([x for x, _ in train])
+    train_y = np.concatenate([y for _, y in train])
+    if (len(train_x), len(test_x)) != tuple(expect_counts):
+        raise UserError(
+            f"expected {expect_counts[0]} training and {expect_counts[1]} test images, "
+            f"found {len(train_x)} and {len(test_x)}"
+        )
+    return Cifar(train_x, train_y, test_x, test_y)
+
+
+def source_digests(source: Path) -> tuple[str, str]:
+    """(md5, sha256) of an archive, or of the batch files (in fixed order) of an extracted folder."""
+    source = Path(source)
+    if source.is_file():
+        return file_digests(source)
+    import hashlib
+
+    folder = source / BATCH_DIR if (source / BATCH_DIR).is_dir() else source
+    md5, sha = hashlib.md5(), hashlib.sha256()
+    for name in [*TRAIN_BATCHES, TEST_BATCH]:
+        path = folder / name
+        if path.is_file():
+            data = path.read_bytes()
+            md5.update(data)
+            sha.update(data)
+    return md5.hexdigest(), sha.hexdigest()
+
+
+def download_official(data_dir: Path) -> Path:
+    """Fetch the official archive into data_dir (reused when present and valid), md5-checked."""
+    from tqdm import tqdm
+
+    target = data_dir / ARCHIVE_NAME
+    if target.is_file():
+        if file_digests(target)[0] == OFFICIAL_MD5:
+            print(f"using {target} (md5 ok)")
+            return target
+        print(f"{target} has the wrong md5: downloading again")
+        target.unlink()
+    try:
+        with urllib.request.urlopen(OFFICIAL_URL, timeout=30) as resp, atomic_path(target) as tmp:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc="download") as bar:
+                while block := resp.read(1 << 20):
+                    f.write(block)
+                    bar.update(len(block))
+            md5 = file_digests(tmp)[0]
+            if md5 != OFFICIAL_MD5:
+                raise UserError(f"downloaded archive has md5 {md5}, expected {OFFICIAL_MD5}: deleted it")
+    except (urllib.error.URLError, OSError, TimeoutError) as err:
+        reason = getattr(err, "reason", err)
+        raise UserError(
+            f"could not download {OFFICIAL_URL} (no network? {reason}); "
+            "pass --source PATH to use a local copy"
+        ) from None
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting and writing
+
+
+def stratified_split(labels: np.ndarray, seed: int, val_per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, stratified split: exactly `val_per_class` validation images of every class.
+
+    Returns (train_indices, val_indices), both sorted so each beton keeps the official order.
+    """
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in range(NUM_CLASSES):
+        members = np.flatnonzero(labels == c)
+        if len(members) < val_per_class:
+            raise UserError(f"class {c} has {len(members)} training images, fewer than --val-per-class")
+        val.append(rng.permutation(members)[:val_per_class])
+    val_idx = np.sort(np.concatenate(val))
+    train_mask = np.ones(len(labels), dtype=bool)
+    train_mask[val_idx] = False
+    return np.flatnonzero(train_mask), val_idx
+
+
+def planes_to_hwc(x: np.ndarray) -> np.ndarray:
+    """N x 3072 (R plane, G plane, B plane, each 32x32 row-major) -> N x 32 x 32 x 3."""
+    return np.ascontiguousarray(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+
+
+class _Samples:
+    """Indexable (image HWC uint8, label, index) view that FFCV's writer consumes."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray):
+        self.images, self.labels, self.indices = images, labels, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        j = int(self.indices[i])
+        return self.images[j], int(self.labels[j]), j
+
+
+def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
+    """Write one beton of raw pixels. One writer process: FFCV's page order is then deterministic."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    fields = {"image": RGBImageField(write_mode="raw"), "label": IntField(), "index": IntField()}
+    DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(_Samples(images, labels, indices))
+
+
+def _request(source_sha256: str, seed: int, val_per_class: int) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "source_sha256": source_sha256,
+        "split_seed": seed,
+        "val_per_class": val_per_class,
+    }
+
+
+def manifest_problem(data_dir: Path, check_hashes: bool = True) -> str | None:
+    """Why the betons in data_dir are not a complete, intact set (None when they are)."""
+    manifest_path = Path(data_dir) / MANIFEST
+    if not manifest_path.is_file():
+        return f"{manifest_path} is missing"
+    import json
+
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        expected = {s: manifest["splits"][s]["sha256"] for s in SPLITS}
+    except (ValueError, KeyError, TypeError):
+        return f"{manifest_path} is unreadable"
+    if manifest.get("format_version") != FORMAT_VERSION:
+        return f"{manifest_path} has format version {manifest.get('format_version')}, need {FORMAT_VERSION}"
+    for split, sha in expected.items():
+        beton = Path(data_dir) / f"{split}.beton"
+        if not beton.is_file():
+            return f"{beton} is missing"
+        if check_hashes and sha256_file(beton) != sha:
+            return f"{beton} does not match {manifest_path} (stale or modified)"
+    return None
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join(f"{{:>{w}}}" for w in widths)
+    out = [line.format(*header), line.format(*["-" * w for w in widths])]
+    out += [line.format(*r) for r in rows]
+    return "\n".join(out)
+
+
+def build(
+    source: Path | None,
+    data_dir: Path,
+    seed: int = 0,
+    val_per_class: int = 500,
+    expect_counts: tuple[int, int] = (50_000, 10_000),
+    force: bool = False,
+) -> dict:
+    """Convert the archive into the three betons and the manifest; return the manifest."""
+    data_dir = Path(data_dir)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(data_dir / ".write-test"):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to data dir {data_dir}: {err.strerror or err}") from None
+    (data_dir / ".write-test").unlink(missing_ok=True)
+    for stale in data_dir.glob(".*.beton.*.tmp"):
+        stale.unlink()
+
+    if source is None:
+        source = download_official(data_dir)
+    source = Path(source)
+    if not source.exists():
+        raise UserError(f"source not found: {source}")
+    md5, sha = source_digests(source)
+    request = _request(sha, seed, val_per_class)
+
+    if not force and manifest_problem(data_dir) is None:
+        import json
+
+        manifest = json.loads((data_dir / MANIFEST).read_text())
+        if {k: manifest.get(k) for k in request} == request:
+            print(f"{data_dir}: betons are up to date with {source} (split seed {seed}); nothing to do "
+                  "(--force rebuilds)")
+            return manifest
+
+    if source.is_file() and md5 != OFFICIAL_MD5:
+        print(f"note: {source} is not the official archive (md5 {md5}); using it since its layout is valid")
+    cifar = load_cifar(source, expect_counts)
+    train_idx, val_idx = stratified_split(cifar.train_y, seed, val_per_class)
+    train_images = planes_to_hwc(cifar.train_x)
+    test_images = planes_to_hwc(cifar.test_x)
+    plan = {
+        "train": (train_images, cifar.train_y, train_idx, "official training set"),
+        "val": (train_images, cifar.train_y, val_idx, "official training set"),
+        "test": (test_images, cifar.test_y, np.arange(len(test_images)), "official test set"),
+    }
+
+    # The old manifest goes first: from here until the new one is written the set is incomplete.
+    (data_dir / MANIFEST).unlink(missing_ok=True)
+    splits, rows = {}, []
+    # ExitStack renames the three temporary files only once all are written; any failure removes them.
+    with contextlib.ExitStack() as stack:
+        for name, (images, labels, indices, origin) in plan.items():
+            t0 = time.perf_counter()
+            tmp = stack.enter_context(atomic_path(data_dir / f"{name}.beton"))
+            write_beton(tmp, images, labels, indices)
+            seconds = time.perf_counter() - t0
+            per_class = np.bincount(labels[indices], minlength=NUM_CLASSES)
+            size = tmp.stat().st_size
+            splits[name] = {
+                "images": int(len(indices)),
+                "index_refers_to": origin,
+                "per_class": per_class.tolist(),
+                "sha256": sha256_file(tmp),
+                "bytes": size,
+            }
+            rows.append([name, f"{len(indices):,}", f"{per_class.min()}/{per_class.max()}",
+                         f"{size / 2**20:.1f} MiB", f"{seconds:.1f}"])
+
+    manifest = {
+        **request,
+        "fastcifar_version": __version__,
+        "source": str(source),
+        "source_md5": md5,
+        "official_archive": md5 == OFFICIAL_MD5,
+        "counts": {s: splits[s]["images"] for s in SPLITS},
+        "splits": splits,
+    }
+    write_json_atomic(data_dir / MANIFEST, manifest)
+    print(_table(rows, ["split", "images", "class min/max", "size", "seconds"]))
+    print(f"wrote {', '.join(f'{s}.beton' for s in SPLITS)} and {MANIFEST} to {data_dir}")
+    return manifest
+
+
+def _counts(text: str) -> tuple[int, int]:
+    try:
+        train, test = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected TRAIN,TEST, e.g. 50000,10000") from None
+    return train, test
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="make_beton",
+        description="Convert the CIFAR-10 python archive into train/val/test FFCV betons.",
+    )
+    parser.add_argument("--source", type=Path, default=None,
+                        help="local cifar-10-python.tar.gz or extracted cifar-10-batches-py folder "
+                             "(default: download the official archive into --data-dir)")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="output folder (default: data)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/val split (default: 0)")
+    parser.add_argument("--val-per-class", type=int, default=500,
+                        help="validation images per class taken from the training set (default: 500)")
+    parser.add_argument("--expect-counts", type=_counts, default=(50_000, 10_000), metavar="TRAIN,TEST",
+                        help="image counts the source must hold (default: 50000,10000; for subsets)")
+    parser.add_argument("--force", action="store_true", help="rebuild even when the betons are up to date")
+    args = parser.parse_args(argv)
+    if args.val_per_class < 1:
+        raise UserError("--val-per-class must be at least 1")
+    build(args.source, args.data_dir, args.split_seed, args.val_per_class, args.expect_counts, args.force)
+    return 0
+
+
+def cli() -> None:
+    run_cli(main, "make_beton")

@@ -1,0 +1,104 @@
+"""FFCV loaders for the three betons: raw uint8 pixels are decoded on the CPU, copied to the device,
+and augmented there in one batched op (see `augment.py`).
+
+What runs where:
+  CPU (FFCV worker threads, compiled by numba): read raw pixels from the memory-mapped beton, batch.
+  copy: `ToDevice(non_blocking=True)` moves the uint8 batch (4x smaller than float32).
+  device: NHWC -> NCHW view (already channels_last in memory), /255, normalise, pad, crop, flip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .augment import Normalize, RandomCropFlip
+from .betons import SPLITS, manifest_problem
+from .utils import UserError
+
+DEFAULT_BATCH_SIZE = 128
+DEFAULT_WORKERS = 2
+
+
+class FlatInt64(nn.Module):
+    """(N, 1) integer column -> a fresh (N,) int64 tensor, which cross-entropy wants.
+
+    Not FFCV's `Squeeze`: that squeezes a last batch of one image to a 0-d tensor. And a copy,
+    because FFCV reuses its output buffers a few batches later: a kept label tensor would change.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1).to(torch.int64, copy=True)
+
+
+def check_betons(data_dir: Path, check_hashes: bool = False) -> None:
+    """Fail with one line naming the missing/stale file and the command that rebuilds it."""
+    problem = manifest_problem(Path(data_dir), check_hashes=check_hashes)
+    if problem:
+        raise UserError(
+            f"{problem}; build the betons with: python tools/make_beton.py --data-dir {data_dir} "
+            "[--source PATH/cifar-10-python.tar.gz]"
+        )
+
+
+def make_loader(
+    path: Path,
+    device: torch.device,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int = DEFAULT_WORKERS,
+    train: bool = False,
+    seed: int = 0,
+    augment: nn.Module | None = None,
+):
+    """One FFCV Loader over a beton, yielding (images, labels, indices), all on `device`.
+
+    train=True: random order reshuffled every epoch from `seed`, and `augment` (default
+    RandomCropFlip seeded from `seed`) as the image pipeline's last stage. Otherwise: sequential
+    order, only normalisation. Never drops the last partial batch.
+    """
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+
+    device = torch.device(device)
+    if augment is None:
+        augment = RandomCropFlip(seed, device) if train else Normalize(device)
+    image = [
+        SimpleRGBImageDecoder(),
+        ToTensor(),
+        ToDevice(device, non_blocking=True),
+        ToTorchImage(channels_last=True, convert_back_int16=False),
+        augment,
+    ]
+
+    def column() -> list:
+        return [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True), FlatInt64()]
+
+    return Loader(
+        str(path),
+        batch_size=batch_size,
+        num_workers=workers,
+        order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
+        seed=seed,
+        drop_last=False,
+        os_cache=True,
+        pipelines={"image": image, "label": column(), "index": column()},
+    )
+
+
+def make_loaders(
+    data_dir: Path,
+    device: torch.device,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int = DEFAULT_WORKERS,
+    seed: int = 0,
+) -> dict:
+    """{'train', 'val', 'test'} loaders over `data_dir`, after checking the betons are complete."""
+    check_betons(data_dir)
+    return {
+        split: make_loader(Path(data_dir) / f"{split}.beton", device, batch_size, workers,
+                           train=split == "train", seed=seed)
+        for split in SPLITS
+    }

@@ -1,0 +1,92 @@
+"""Small helpers shared by every command: one-line errors, atomic files, hashes, devices."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, never as a traceback."""
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int], prog: str) -> None:
+    """Run `main` and turn user errors into one stderr line and a non-zero exit code."""
+    try:
+        code = main(None)
+    except UserError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+def file_digests(path: Path, chunk: int = 1 << 20) -> tuple[str, str]:
+    """(md5, sha256) of a file, read once."""
+    md5, sha = hashlib.md5(), hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            md5.update(block)
+            sha.update(block)
+    return md5.hexdigest(), sha.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    return file_digests(path)[1]
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it onto `final` only if the block completes.
+
+    An interrupted block (exception, Ctrl-C) removes the temporary file, so nothing that
+    looks complete is ever left behind. A hard kill can leave a `*.tmp` file, never `final`.
+    """
+    final = Path(final)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def resolve_device(name: str):
+    """'auto' -> cuda when available, else cpu; anything else must be a valid, available device."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+def synchronize(device) -> None:
+    """Wait for queued device work so that wall-clock timings cover it."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
