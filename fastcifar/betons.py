@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import gzip
 import io
+import os
 import pickle
 import tarfile
 import time
@@ -26,6 +27,7 @@ from . import __version__
 from .utils import UserError, atomic_path, file_digests, run_cli, sha256_file, write_json_atomic
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+URL_ENV = "FASTCIFAR_CIFAR_URL"  # overrides OFFICIAL_URL: a mirror, or an unreachable address in tests
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
 ARCHIVE_NAME = "cifar-10-python.tar.gz"
 BATCH_DIR = "cifar-10-batches-py"
@@ -59,6 +61,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes in a protocol-2 pickle
     }
 
     def find_class(self, module: str, name: str):
@@ -176,8 +179,9 @@ def download_official(data_dir: Path) -> Path:
             return target
         print(f"{target} has the wrong md5: downloading again")
         target.unlink()
+    url = os.environ.get(URL_ENV, OFFICIAL_URL)
     try:
-        with urllib.request.urlopen(OFFICIAL_URL, timeout=30) as resp, atomic_path(target) as tmp:
+        with urllib.request.urlopen(url, timeout=30) as resp, atomic_path(target) as tmp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc="download") as bar:
                 while block := resp.read(1 << 20):
@@ -189,7 +193,7 @@ def download_official(data_dir: Path) -> Path:
     except (urllib.error.URLError, OSError, TimeoutError) as err:
         reason = getattr(err, "reason", err)
         raise UserError(
-            f"could not download {OFFICIAL_URL} (no network? {reason}); "
+            f"could not download {url} (no network? {reason}); "
             "pass --source PATH to use a local copy"
         ) from None
     return target

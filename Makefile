@@ -1,0 +1,52 @@
+# Set-up and the two main jobs. Every step checks first and skips what is already there.
+#   make run    install what is missing, build the betons, train the spec with --compile
+#   make test   install what is missing, lint, run the test suite
+PYTHON     ?= python3
+PIP        ?= $(PYTHON) -m pip
+TORCH_SPEC ?= torch==2.13.0
+DATA_DIR   ?= data
+# Local CIFAR-10 python archive; empty = download the official one.
+SOURCE     ?= $(FASTCIFAR_CIFAR_ARCHIVE)
+SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+TRAIN_ARGS ?=
+
+.PHONY: setup system-deps python-deps betons run test lint bench clean
+
+setup: system-deps python-deps
+
+# ffcv 1.0.2 builds from source against OpenCV and libjpeg-turbo.
+system-deps:
+	@pkg-config --exists opencv4 libturbojpeg 2>/dev/null || { \
+	  echo "installing pkg-config libturbojpeg0-dev libopencv-dev (apt)"; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	    pkg-config libturbojpeg0-dev libopencv-dev g++; }
+
+# torch first and pinned, so nothing later pulls a multi-GB CUDA build; then ffcv without build
+# isolation (its setup.py needs numpy and the system libraries above); then fastcifar itself.
+python-deps:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	@$(PYTHON) -c "import ffcv, PIL" 2>/dev/null || { \
+	  $(PIP) install -q setuptools wheel "numpy>=2" numba pillow && \
+	  $(PIP) install -q --no-build-isolation ffcv==1.0.2; }
+	@$(PYTHON) -c "from importlib.metadata import version as v; \
+	  [v(p) for p in ('fastcifar', 'tensorboard', 'torch-tb-profiler', 'pytest', 'ruff')]" 2>/dev/null || \
+	  $(PIP) install -q -e ".[test]"
+
+betons: setup
+	$(PYTHON) tools/make_beton.py --data-dir $(DATA_DIR) $(if $(SOURCE),--source $(SOURCE))
+
+run: betons
+	$(PYTHON) -m fastcifar.train --compile --data-dir $(DATA_DIR) $(TRAIN_ARGS)
+
+lint: setup
+	$(PYTHON) -m ruff check fastcifar tools tests
+
+test: setup lint
+	$(PYTHON) -m pytest -q
+
+bench: betons
+	$(PYTHON) tools/bench_loader.py --data-dir $(DATA_DIR)
+
+clean:
+	rm -rf results profiles/*/ .pytest_cache
