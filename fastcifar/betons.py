@@ -24,7 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .utils import UserError, atomic_path, file_digests, run_cli, sha256_file, write_json_atomic
+from .utils import (
+    ArgumentParser,
+    UserError,
+    atomic_path,
+    file_digests,
+    run_cli,
+    sha256_file,
+    write_json_atomic,
+)
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 URL_ENV = "FASTCIFAR_CIFAR_URL"  # overrides OFFICIAL_URL: a mirror, or an unreachable address in tests
@@ -259,7 +267,10 @@ def _request(source_sha256: str, seed: int, val_per_class: int) -> dict:
 
 
 def manifest_problem(data_dir: Path, check_hashes: bool = True) -> str | None:
-    """Why the betons in data_dir are not a complete, intact set (None when they are)."""
+    """Why the betons in data_dir are not a complete, intact set (None when they are).
+
+    Sizes are always compared; sha256 (about 1 s for the full set) only when check_hashes.
+    """
     manifest_path = Path(data_dir) / MANIFEST
     if not manifest_path.is_file():
         return f"{manifest_path} is missing"
@@ -267,16 +278,16 @@ def manifest_problem(data_dir: Path, check_hashes: bool = True) -> str | None:
 
     try:
         manifest = json.loads(manifest_path.read_text())
-        expected = {s: manifest["splits"][s]["sha256"] for s in SPLITS}
+        expected = {s: (manifest["splits"][s]["sha256"], manifest["splits"][s]["bytes"]) for s in SPLITS}
     except (ValueError, KeyError, TypeError):
         return f"{manifest_path} is unreadable"
     if manifest.get("format_version") != FORMAT_VERSION:
         return f"{manifest_path} has format version {manifest.get('format_version')}, need {FORMAT_VERSION}"
-    for split, sha in expected.items():
+    for split, (sha, size) in expected.items():
         beton = Path(data_dir) / f"{split}.beton"
         if not beton.is_file():
             return f"{beton} is missing"
-        if check_hashes and sha256_file(beton) != sha:
+        if beton.stat().st_size != size or (check_hashes and sha256_file(beton) != sha):
             return f"{beton} does not match {manifest_path} (stale or modified)"
     return None
 
@@ -384,7 +395,7 @@ def _counts(text: str) -> tuple[int, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="make_beton",
         description="Convert the CIFAR-10 python archive into train/val/test FFCV betons.",
     )

@@ -88,6 +88,26 @@ def make_loader(
     )
 
 
+def read_beton(path: Path, fields: tuple[str, ...] = ("image", "label", "index")) -> dict:
+    """Every record of a beton as numpy arrays, in file order (image: N x 32 x 32 x 3 uint8)."""
+    import numpy as np
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    decoders = {"image": SimpleRGBImageDecoder, "label": IntDecoder, "index": IntDecoder}
+    loader = Loader(str(path), batch_size=1000, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                    pipelines={f: [decoders[f]()] if f in fields else None for f in decoders})
+    parts: dict[str, list] = {f: [] for f in fields}
+    for batch in loader:
+        for f, value in zip(fields, batch, strict=True):
+            parts[f].append(np.array(value, copy=True))  # FFCV reuses its output buffers
+    out = {f: np.concatenate(v) for f, v in parts.items()}
+    for f in ("label", "index"):
+        if f in out:
+            out[f] = out[f].reshape(-1)
+    return out
+
+
 def make_loaders(
     data_dir: Path,
     device: torch.device,

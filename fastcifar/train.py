@@ -14,7 +14,6 @@ PROCESS_START = time.perf_counter()  # before importing torch: total_training_ti
 
 import argparse  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -37,16 +36,20 @@ from .profiling import (  # noqa: E402
     StepTimer,
     data_fraction,
 )
-from .utils import UserError, atomic_path, resolve_device, run_cli, synchronize, write_json_atomic  # noqa: E402
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not usage + error
-        raise UserError(message)
+from .utils import (  # noqa: E402
+    ArgumentParser,
+    UserError,
+    atomic_path,
+    device_name,
+    resolve_device,
+    run_cli,
+    synchronize,
+    write_json_atomic,
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="fastcifar.train", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="fastcifar.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="betons from tools/make_beton.py")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
@@ -87,7 +90,10 @@ def _batches(loader, max_steps: int | None) -> int:
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, device: torch.device,
                 timer: StepTimer, max_steps: int | None = None, desc: str = "train",
                 on_step=None) -> dict:
-    """One pass over the train loader. Loss and accuracy are summed on the device (no per-step sync)."""
+    """One pass over the train loader. Loss and accuracy are summed on the device (no per-step sync).
+
+    on_step(loss), when given, runs after every optimizer step (the profiler's step, tests' spies).
+    """
     model.train()
     timer.reset()
     loss_sum = torch.zeros((), device=device)
@@ -123,7 +129,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, devi
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
                             img_s=f"{seen / (time.perf_counter() - t0):.0f}")
         if on_step is not None:
-            on_step()
+            on_step(loss.detach())
     synchronize(device)
     seconds = time.perf_counter() - t0
     bar.close()
@@ -195,18 +201,6 @@ def _git_commit() -> str | None:
         return None
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
 def environment(args: argparse.Namespace, device: torch.device) -> dict:
     import ffcv
     import numpy
@@ -218,7 +212,7 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict:
         "numpy": numpy.__version__,
         "python": platform.python_version(),
         "device": str(device),
-        "device_name": _device_name(device),
+        "device_name": device_name(device),
         "torch_threads": torch.get_num_threads(),
         "compile": args.compile,
         "compile_mode": args.compile_mode if args.compile else None,
@@ -266,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # dimension (dynamo's automatic dynamic shapes); both graphs stay cached, so later epochs reuse them.
     net = torch.compile(model, mode=args.compile_mode) if args.compile else model
     print(f"fastcifar {__version__}: ResNetV2-20 ({count_parameters(model):,} parameters) on "
-          f"{_device_name(device)}, {'torch.compile ' + args.compile_mode if args.compile else 'eager'}, "
+          f"{device_name(device)}, {'torch.compile ' + args.compile_mode if args.compile else 'eager'}, "
           f"train {len(loaders['train'])} batches of {args.batch_size}")
 
     timer = StepTimer(device)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
 import os
+import platform
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -14,6 +16,13 @@ from pathlib import Path
 
 class UserError(Exception):
     """A problem with the user's input: printed as one line, never as a traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (via UserError), not usage text plus an error."""
+
+    def error(self, message: str):
+        raise UserError(message)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int], prog: str) -> None:
@@ -90,3 +99,18 @@ def synchronize(device) -> None:
         import torch
 
         torch.cuda.synchronize(device)
+
+
+def device_name(device) -> str:
+    """The GPU's name, or the CPU model and core count: the 'machine' every figure is quoted with."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"

@@ -59,25 +59,6 @@ def build_small(data_dir: Path, archive: Path, **kwargs):
                  expect_counts=(5 * SMALL["per_batch"], SMALL["n_test"]), **kwargs)
 
 
-def read_beton(path: Path, fields: tuple[str, ...] = ("image", "label", "index")) -> dict[str, np.ndarray]:
-    """Every record of a beton, in file order, with an FFCV Loader (sequential, no augmentation)."""
-    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-
-    decoders = {"image": SimpleRGBImageDecoder, "label": IntDecoder, "index": IntDecoder}
-    loader = Loader(str(path), batch_size=100, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    pipelines={f: [decoders[f]()] if f in fields else None for f in decoders})
-    parts: dict[str, list] = {f: [] for f in fields}
-    for batch in loader:
-        for f, value in zip(fields, batch, strict=True):
-            parts[f].append(np.array(value, copy=True))  # FFCV reuses its buffers
-    out = {f: np.concatenate(v) for f, v in parts.items()}
-    for f in ("label", "index"):
-        if f in out:
-            out[f] = out[f].reshape(-1)
-    return out
-
-
 @pytest.fixture(scope="session")
 def small_batches() -> dict[str, dict]:
     return make_batches(SMALL["per_batch"], SMALL["n_test"])

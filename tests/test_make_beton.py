@@ -18,11 +18,11 @@ from conftest import (
     SMALL,
     SMALL_COUNTS,
     build_small,
-    read_beton,
     write_archive,
 )
 
 from fastcifar import betons
+from fastcifar.data import read_beton
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "make_beton.py"

@@ -1,0 +1,122 @@
+"""On-device augmentation and the FFCV loaders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastcifar.augment import IMAGENET_MEAN, IMAGENET_STD, Normalize, RandomCropFlip
+from fastcifar.data import make_loader, read_beton
+
+CPU = torch.device("cpu")
+
+
+def reference(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """The spec, one image at a time: /255, normalise, zero-pad 4, crop at the offset, maybe flip."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    out = []
+    for image, (top, left), flip in zip(images, offsets.tolist(), flips.tolist(), strict=True):
+        x = (image.float() / 255 - mean) / std
+        x = torch.nn.functional.pad(x, (4, 4, 4, 4), value=0.0)[:, top:top + 32, left:left + 32]
+        out.append(x.flip(-1) if flip else x)
+    return torch.stack(out)
+
+
+def test_batched_op_equals_per_image_reference_exactly():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    augment = RandomCropFlip(seed=3, device=CPU)
+    out = augment(images)
+    assert out.dtype == torch.float32 and out.device == CPU
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, reference(images, augment.last_offsets, augment.last_flips))
+    # the draws are really per image, not one per batch
+    assert len({tuple(o) for o in augment.last_offsets.tolist()}) > 1
+    assert 0 < int(augment.last_flips.sum()) < 64
+
+
+def test_offsets_cover_all_81_positions_and_flip_rate_is_half():
+    augment = RandomCropFlip(seed=0, device=CPU)
+    offsets, flips = zip(*(augment.draw(1000, CPU) for _ in range(100)), strict=True)
+    offsets, flips = torch.cat(offsets), torch.cat(flips)
+    counts = torch.bincount(offsets[:, 0] * 9 + offsets[:, 1], minlength=81)
+    assert len(counts) == 81 and int(counts.min()) > 0
+    # uniform: 100,000 draws, expected 1234.6 per cell (sd ~35); a 6-sd band
+    assert int(counts.min()) > 1234 - 210 and int(counts.max()) < 1235 + 210
+    # flip rate: sd of the mean over 100,000 draws is 0.0016; tolerance 0.01
+    assert abs(flips.float().mean().item() - 0.5) < 0.01
+
+
+def test_padding_pixels_are_exactly_zero_after_normalisation():
+    images = torch.full((200, 3, 32, 32), 255, dtype=torch.uint8)  # normalised value > 0 everywhere
+    augment = RandomCropFlip(seed=1, device=CPU)
+    out = augment(images)
+    for image, (top, left) in zip(out, augment.last_offsets.tolist(), strict=True):
+        inside = (32 - abs(top - 4)) * (32 - abs(left - 4))  # pixels taken from the real image
+        assert int((image == 0).sum()) == 3 * (32 * 32 - inside)
+        assert bool((image != 0).sum() == 3 * inside)
+
+
+def test_normalize_only_for_eval():
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    out = Normalize()(images)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, reference(images, torch.full((5, 2), 4), torch.zeros(5, dtype=torch.bool)))
+
+
+def _epoch(loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    xs, ys, idx = zip(*loader, strict=True)
+    return torch.cat(xs), torch.cat(ys), torch.cat(idx)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+@pytest.mark.parametrize("batch_size", [10, 16])
+def test_eval_loaders_yield_every_image_once_with_its_label(small_data, split, batch_size):
+    beton = read_beton(small_data / f"{split}.beton")
+    loader = make_loader(small_data / f"{split}.beton", CPU, batch_size=batch_size, workers=2)
+    sizes = [len(batch[0]) for batch in loader]
+    n = len(beton["index"])
+    assert sizes == [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+    images, labels, indices = _epoch(loader)
+    assert labels.dtype == torch.int64 and indices.dtype == torch.int64 and labels.device == CPU
+    assert images.dtype == torch.float32 and images.shape == (n, 3, 32, 32)
+    # sequential: file order, each index exactly once, labels as written
+    assert indices.tolist() == beton["index"].tolist()
+    assert labels.tolist() == beton["label"].tolist()
+    expected = torch.from_numpy(beton["image"]).permute(0, 3, 1, 2)
+    assert torch.equal(images, Normalize()(expected))
+
+
+def test_train_loader_shuffles_covers_everything_and_is_seeded(small_data):
+    path, n = small_data / "train.beton", 450
+    first = make_loader(path, CPU, batch_size=64, workers=2, train=True, seed=7)
+    again = make_loader(path, CPU, batch_size=64, workers=2, train=True, seed=7)
+    other = make_loader(path, CPU, batch_size=64, workers=2, train=True, seed=8)
+    epoch1, epoch1_again, epoch1_other = _epoch(first), _epoch(again), _epoch(other)
+    epoch2 = _epoch(first)
+    for images, _, indices in (epoch1, epoch2):
+        assert sorted(indices.tolist()) == sorted(read_beton(path, ("index",))["index"].tolist())
+        assert len(indices) == n and images.shape == (n, 3, 32, 32)
+        assert images.is_contiguous(memory_format=torch.channels_last)
+    assert epoch1[2].tolist() != sorted(epoch1[2].tolist())  # random order
+    assert epoch1[2].tolist() != epoch2[2].tolist()  # reshuffled every epoch
+    for a, b in zip(epoch1, epoch1_again, strict=True):  # same seed: identical batches
+        assert torch.equal(a, b)
+    assert not torch.equal(epoch1[0], epoch1_other[0])  # other seed: other batches
+    # labels still belong to their images' indices
+    beton = read_beton(path, ("label", "index"))
+    label_of = dict(zip(beton["index"].tolist(), beton["label"].tolist(), strict=True))
+    assert epoch1[1].tolist() == [label_of[i] for i in epoch1[2].tolist()]
+
+
+def test_augmented_batch_matches_reference_through_the_loader(small_data):
+    """The module inside the FFCV pipeline sees the right pixels: recompute from the beton."""
+    path = small_data / "train.beton"
+    augment = RandomCropFlip(seed=0, device=CPU)
+    loader = make_loader(path, CPU, batch_size=450, workers=1, train=True, seed=0, augment=augment)
+    images, _, indices = next(iter(loader))
+    beton = read_beton(path, ("image", "index"))
+    position = {int(i): k for k, i in enumerate(beton["index"])}
+    raw = torch.from_numpy(np.stack([beton["image"][position[int(i)]] for i in indices])).permute(0, 3, 1, 2)
+    assert torch.equal(images, reference(raw, augment.last_offsets, augment.last_flips))

@@ -1,0 +1,150 @@
+"""ResNetV2-20, the training loop, the CLI's six metrics, evaluate, and bad flags."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastcifar.data import make_loader
+from fastcifar.model import count_parameters, resnetv2_20
+from fastcifar.profiling import StepTimer
+from fastcifar.train import train_epoch
+
+CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_parameter_count_and_output_shape():
+    model = resnetv2_20()
+    assert count_parameters(model) == 281_610
+    out = model(torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    assert out.shape == (4, 10)
+    # the shortcut is a 1x1 conv exactly where the shape changes
+    shortcuts = [b.shortcut is not None for b in model.blocks]
+    assert shortcuts == [True, False, False, True, False, False, True, False, False]
+
+
+def test_one_train_step_changes_every_parameter():
+    torch.manual_seed(0)
+    model = resnetv2_20().to(memory_format=torch.channels_last)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.arange(8) % 10)
+    loss.backward()
+    optimizer.step()
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert unchanged == []
+
+
+def _losses(small_data: Path, compiled: bool, epochs: int) -> tuple[list[float], list[int]]:
+    """Per-step losses from seed 0 and dynamo's graph count after each epoch."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = resnetv2_20().to(memory_format=torch.channels_last)
+    net = torch.compile(model) if compiled else model
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4)
+    loader = make_loader(small_data / "train.beton", CPU, batch_size=128, workers=2, train=True, seed=0)
+    losses, graphs = [], []
+    for _ in range(epochs):
+        train_epoch(net, loader, optimizer, CPU, StepTimer(CPU), on_step=lambda loss: losses.append(loss.item()))
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    return losses, graphs
+
+
+def test_eager_and_compiled_agree_and_partial_batch_compiles_once(small_data):
+    eager, _ = _losses(small_data, compiled=False, epochs=1)
+    compiled, graphs = _losses(small_data, compiled=True, epochs=3)
+    steps_per_epoch = 4  # 450 images: three batches of 128 and a last one of 66
+    assert len(eager) == steps_per_epoch and len(compiled) == 3 * steps_per_epoch
+    assert all(math.isfinite(v) for v in compiled)
+    for a, b in zip(eager, compiled[:steps_per_epoch], strict=True):
+        assert abs(a - b) < 1e-3, (eager, compiled)
+    # the partial last batch compiles in epoch 1; later epochs reuse the cached graphs
+    assert graphs[0] > 0 and graphs[0] == graphs[1] == graphs[2], graphs
+
+
+@pytest.fixture(scope="module")
+def cli_run(small_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    result = run_module("fastcifar.train", "--data-dir", str(small_data), "--epochs", "2",
+                        "--max-steps-per-epoch", "3", "--out", str(out), "--run-name", "smoke", "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_cli_writes_six_metrics_and_weights(cli_run):
+    out, result = cli_run
+    metrics = json.loads((out / "smoke.json").read_text())
+    assert (out / "smoke.pt").is_file()
+    for key in ("total_training_time_s", "epoch_time_s", "inference_time_per_batch_ms", "last_epoch_train_loss",
+                "val_accuracy", "test_accuracy", "epoch_time_excl_first_s", "inference_time_per_batch_incl_data_ms"):
+        assert math.isfinite(metrics[key]), key
+    assert 0 < metrics["epoch_time_s"] < metrics["total_training_time_s"]
+    assert len(metrics["epoch_times_s"]) == 2
+    assert metrics["epoch_time_s"] == pytest.approx(sum(metrics["epoch_times_s"]) / 2)
+    assert 0 < metrics["inference_time_per_batch_ms"] <= metrics["inference_time_per_batch_incl_data_ms"]
+    assert 0 < metrics["last_epoch_train_loss"] < 10
+    assert 0 <= metrics["val_accuracy"] <= 1 and 0 <= metrics["test_accuracy"] <= 1
+    assert [e["train_images"] for e in metrics["epochs"]] == [3 * 128] * 2
+    assert metrics["last_epoch_train_loss"] == metrics["epochs"][-1]["train_loss"]
+    assert metrics["env"]["seed"] == 0 and metrics["env"]["torch"] == torch.__version__
+    assert "test accuracy (10,000)" in result.stdout and "epoch  2/2" in result.stdout
+
+
+def test_evaluate_reproduces_the_run(cli_run, small_data):
+    out, _ = cli_run
+    metrics = json.loads((out / "smoke.json").read_text())
+    # the small val (50) and test (110) splits fit in one batch, so the run saw every image
+    for split, key in [("val", "val_accuracy"), ("test", "test_accuracy")]:
+        result = run_module("fastcifar.evaluate", "--weights", str(out / "smoke.pt"), "--split", split,
+                            "--data-dir", str(small_data), "--device", "cpu", "--json")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert json.loads(result.stdout.strip().splitlines()[-1])["accuracy"] == metrics[key]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "-1"], "--epochs must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--compile-mode", "fast"], "invalid choice"),
+    (["--data-dir", "MISSING"], "manifest.json is missing; build the betons with: python tools/make_beton.py"),
+    (["--data-dir", "STALE"], "does not match"),
+])
+def test_bad_flags_and_missing_betons(args, message, tmp_path, small_data):
+    if "MISSING" in args:
+        args = ["--data-dir", str(tmp_path)]
+    elif "STALE" in args:
+        for name in ("train.beton", "val.beton", "test.beton", "manifest.json"):
+            (tmp_path / name).write_bytes((small_data / name).read_bytes())
+        with open(tmp_path / "val.beton", "ab") as f:
+            f.write(b"\0")
+        args = ["--data-dir", str(tmp_path)]
+    result = run_module("fastcifar.train", *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_evaluate_bad_weights(tmp_path, small_data):
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a checkpoint")
+    result = run_module("fastcifar.evaluate", "--weights", str(bad), "--data-dir", str(small_data))
+    assert result.returncode == 2 and "is not a ResNetV2-20 state dict" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
