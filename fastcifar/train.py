@@ -33,8 +33,11 @@ from .profiling import (  # noqa: E402
     DATA_RANGE,
     FORWARD_RANGE,
     OPTIMIZER_RANGE,
+    ScalarLog,
     StepTimer,
+    TraceProfiler,
     data_fraction,
+    parse_profile_steps,
 )
 from .utils import (  # noqa: E402
     ArgumentParser,
@@ -65,8 +68,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="stop each epoch (and each evaluation) after N batches: for smoke runs")
     p.add_argument("--out", type=Path, default=Path("results"), help="results folder")
     p.add_argument("--run-name", default=None, help="default: <date>-<time>-<device>")
+    p.add_argument("--profile", action="store_true",
+                   help="write a torch.profiler trace and TensorBoard scalars to <profile-dir>/<run-name>/")
+    p.add_argument("--profile-dir", type=Path, default=Path("profiles"))
+    p.add_argument("--profile-steps", default="5,3,10", metavar="WAIT,WARMUP,ACTIVE",
+                   help="profiler schedule within the profiled epoch (default 5,3,10)")
+    p.add_argument("--profile-epoch", type=int, default=2,
+                   help="epoch to profile (default 2, after compilation; capped at --epochs)")
     args = p.parse_args(argv)
-    for name, low in [("epochs", 1), ("batch_size", 1), ("workers", 1), ("max_steps_per_epoch", 1)]:
+    args.profile_schedule = parse_profile_steps(args.profile_steps)
+    for name, low in [("epochs", 1), ("batch_size", 1), ("workers", 1), ("max_steps_per_epoch", 1),
+                      ("profile_epoch", 1)]:
         value = getattr(args, name)
         if value is not None and value < low:
             raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
@@ -102,10 +114,12 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, devi
     bar = _progress(_batches(loader, max_steps), desc)
     synchronize(device)
     t0 = time.perf_counter()
-    batches = iter(loader)
+    batches = None
     while max_steps is None or timer.steps < max_steps:
         timer.data_start()
         with record_function(DATA_RANGE):
+            if batches is None:  # FFCV starts its prefetch (and on epoch 1 compiles) here: data time
+                batches = iter(loader)
             batch = next(batches, None)
         if batch is None:
             break
@@ -133,7 +147,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, devi
     synchronize(device)
     seconds = time.perf_counter() - t0
     bar.close()
-    if hasattr(batches, "close"):
+    if batches is not None and hasattr(batches, "close"):
         batches.close()  # stop FFCV's prefetch thread when --max-steps-per-epoch cut the epoch short
     data_s, compute_s = timer.totals()
     return {
@@ -264,19 +278,33 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"train {len(loaders['train'])} batches of {args.batch_size}")
 
     timer = StepTimer(device)
+    profile_dir = args.profile_dir / run_name
+    profile_epoch = min(args.profile_epoch, args.epochs)
+    scalars = ScalarLog(profile_dir) if args.profile else None
+    traces: list[Path] = []
     epochs = []
     for epoch in range(1, args.epochs + 1):
-        stats = train_epoch(net, loaders["train"], optimizer, device, timer, args.max_steps_per_epoch,
-                            desc=f"epoch {epoch}/{args.epochs}")
+        desc = f"epoch {epoch}/{args.epochs}"
+        if args.profile and epoch == profile_epoch:
+            with TraceProfiler(profile_dir, device, args.profile_schedule) as profiler:
+                stats = train_epoch(net, loaders["train"], optimizer, device, timer, args.max_steps_per_epoch,
+                                    desc=desc + " (profiling)", on_step=profiler.step)
+            traces = profiler.traces
+        else:
+            stats = train_epoch(net, loaders["train"], optimizer, device, timer, args.max_steps_per_epoch, desc=desc)
         val = evaluate(net, loaders["val"], device, args.max_steps_per_epoch, desc="val")
         stats = {"epoch": epoch, **stats, "val_loss": val["loss"], "val_acc": val["accuracy"]}
         epochs.append(stats)
+        if scalars is not None:
+            scalars.epoch(epoch, stats)
         print(f"epoch {epoch:>2}/{args.epochs}  train loss {stats['train_loss']:.4f}  "
               f"train acc {100 * stats['train_acc']:.2f}%  val loss {stats['val_loss']:.4f}  "
               f"val acc {100 * stats['val_acc']:.2f}%  {stats['seconds']:.1f} s  "
               f"{stats['images_per_s']:.0f} img/s  data {100 * stats['data_fraction']:.1f}%", flush=True)
     total_training_time = time.perf_counter() - PROCESS_START
 
+    if scalars is not None:
+        scalars.close()
     test = evaluate(net, loaders["test"], device, args.max_steps_per_epoch, desc="test", timed=True)
     times = [e["seconds"] for e in epochs]
     data_s = sum(e["data_time_s"] for e in epochs)
@@ -297,7 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "compute_time_s": compute_s,
         "data_fraction": data_fraction(data_s, compute_s),
         "epochs": epochs,
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "profile": {"dir": str(profile_dir), "epoch": profile_epoch, "traces": [str(t) for t in traces]}
+        if args.profile else None,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                   if k != "profile_schedule"},
         "env": environment(args, device),
     }
     weights = args.out / f"{run_name}.pt"
@@ -307,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nResNetV2-20 on CIFAR-10, {len(epochs)} epochs, {results['env']['device_name']}:")
     print(_summary_table(results))
     print(f"results: {args.out / (run_name + '.json')}  weights: {weights}")
+    if args.profile:
+        print(f"profile: {', '.join(map(str, traces)) or 'no trace (window longer than the epoch?)'}; "
+              f"view with: tensorboard --logdir {args.profile_dir}")
     return 0
 
 
