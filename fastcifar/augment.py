@@ -29,21 +29,43 @@ class Normalize(nn.Module):
         return out.contiguous(memory_format=torch.channels_last)
 
 
+def crop_flip_normalize(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, mean: torch.Tensor,
+                        std: torch.Tensor, pad: int, size: int) -> torch.Tensor:
+    """uint8 NCHW -> float32 channels_last: normalise, zero-pad `pad`, crop `size` at each image's
+    (top, left) offset into the padded image, mirror where `flips`. One gather, no per-image loop."""
+    n, c, h, w = images.shape
+    # Output pixel (i, j) reads source pixel (i + top - pad, j + left - pad), j mirrored when
+    # flipped; a coordinate outside the source is padding.
+    ar = torch.arange(size, device=images.device)
+    rows = offsets[:, 0, None] - pad + ar  # (N, size)
+    cols = offsets[:, 1, None] - pad + torch.where(flips[:, None], size - 1 - ar, ar)
+    inside = ((rows >= 0) & (rows < h))[:, None, :, None] & ((cols >= 0) & (cols < w))[:, None, None, :]
+    flat = rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]
+    # Gather the uint8 pixels first (4x less memory than float), then normalise only the crop.
+    pixels = images.reshape(n, c, h * w).gather(2, flat.view(n, 1, -1).expand(n, c, -1))
+    out = (pixels.view(n, c, size, size).float() / 255 - mean) / std
+    # Padding is exactly 0 after normalisation: the mean colour, as in the spec's reference.
+    return torch.where(inside, out, 0.0).contiguous(memory_format=torch.channels_last)
+
+
 class RandomCropFlip(nn.Module):
     """Normalise, zero-pad `pad` pixels, random `size` crop and random horizontal flip, per image.
 
     Padding happens after normalisation, so pad pixels are exactly 0 (the mean colour), as in the
     spec's reference. Each image draws its own offset (uniform over the (2*pad+1)^2 positions) and
     its own flip from a generator on the images' device, seeded once: same seed, same batches.
+    compile=True runs the op through torch.compile: one fused kernel/loop, same numbers bit for bit
+    (about 3x faster on CPU; ~10 s to compile once, plus once for the last partial batch).
     """
 
     def __init__(self, seed: int, device: torch.device | str, pad: int = 4, size: int = 32,
-                 flip_p: float = 0.5):
+                 flip_p: float = 0.5, compile: bool = False):
         super().__init__()
         self.normalize = Normalize(device)
         self.pad, self.size, self.flip_p = pad, size, flip_p
         self.generator = torch.Generator(device=torch.device(device))
         self.generator.manual_seed(seed)
+        self.op = torch.compile(crop_flip_normalize) if compile else crop_flip_normalize
         self.last_offsets: torch.Tensor | None = None  # (N, 2) rows, cols of the last batch
         self.last_flips: torch.Tensor | None = None  # (N,) bool
 
@@ -54,17 +76,6 @@ class RandomCropFlip(nn.Module):
         return offsets, flips
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = images.shape
-        offsets, flips = self.draw(n, images.device)
+        offsets, flips = self.draw(images.shape[0], images.device)
         self.last_offsets, self.last_flips = offsets, flips
-        # Output pixel (i, j) of the padded-then-cropped image reads source pixel (i + top - pad,
-        # j + left - pad), with j mirrored when flipped; coordinates outside the source are padding.
-        ar = torch.arange(self.size, device=images.device)
-        rows = offsets[:, 0, None] - self.pad + ar  # (N, size)
-        cols = offsets[:, 1, None] - self.pad + torch.where(flips[:, None], self.size - 1 - ar, ar)
-        inside = ((rows >= 0) & (rows < h))[:, None, :, None] & ((cols >= 0) & (cols < w))[:, None, None, :]
-        flat = rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]
-        # Gather the uint8 pixels first (4x less memory than float), then normalise only the crop.
-        pixels = images.reshape(n, c, h * w).gather(2, flat.view(n, 1, -1).expand(n, c, -1))
-        out = self.normalize(pixels.view(n, c, self.size, self.size))
-        return out.masked_fill_(~inside, 0.0)  # padding is exactly 0: the mean colour
+        return self.op(images, offsets, flips, self.normalize.mean, self.normalize.std, self.pad, self.size)

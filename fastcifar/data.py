@@ -51,12 +51,13 @@ def make_loader(
     train: bool = False,
     seed: int = 0,
     augment: nn.Module | None = None,
+    compile_augment: bool = False,
 ):
     """One FFCV Loader over a beton, yielding (images, labels, indices), all on `device`.
 
     train=True: random order reshuffled every epoch from `seed`, and `augment` (default
-    RandomCropFlip seeded from `seed`) as the image pipeline's last stage. Otherwise: sequential
-    order, only normalisation. Never drops the last partial batch.
+    RandomCropFlip seeded from `seed`, torch.compiled when compile_augment) as the image pipeline's
+    last stage. Otherwise: sequential order, only normalisation. Never drops the last partial batch.
     """
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
@@ -64,7 +65,7 @@ def make_loader(
 
     device = torch.device(device)
     if augment is None:
-        augment = RandomCropFlip(seed, device) if train else Normalize(device)
+        augment = RandomCropFlip(seed, device, compile=compile_augment) if train else Normalize(device)
     image = [
         SimpleRGBImageDecoder(),
         ToTensor(),
@@ -114,11 +115,12 @@ def make_loaders(
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int = DEFAULT_WORKERS,
     seed: int = 0,
+    compile_augment: bool = False,
 ) -> dict:
     """{'train', 'val', 'test'} loaders over `data_dir`, after checking the betons are complete."""
     check_betons(data_dir)
     return {
         split: make_loader(Path(data_dir) / f"{split}.beton", device, batch_size, workers,
-                           train=split == "train", seed=seed)
+                           train=split == "train", seed=seed, compile_augment=compile_augment)
         for split in SPLITS
     }

@@ -26,7 +26,7 @@ from torch.autograd.profiler import record_function  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .data import check_betons, make_loader  # noqa: E402
+from .data import make_loaders  # noqa: E402
 from .model import count_parameters, resnetv2_20  # noqa: E402
 from .profiling import (  # noqa: E402
     BACKWARD_RANGE,
@@ -61,7 +61,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="model init, batch order and augmentation")
     p.add_argument("--workers", type=int, default=2, help="FFCV loader threads")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for train and eval")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (train and eval) and the on-device augmentation")
     p.add_argument("--compile-mode", default="default",
                    choices=["default", "reduce-overhead", "max-autotune"])
     p.add_argument("--max-steps-per-epoch", type=int, default=None, metavar="N",
@@ -256,7 +257,6 @@ def _summary_table(results: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    check_betons(args.data_dir)
     run_name = args.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{device.type}"
     try:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -264,9 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"cannot create results folder {args.out}: {err.strerror or err}") from None
 
     torch.manual_seed(args.seed)
-    loaders = {split: make_loader(args.data_dir / f"{split}.beton", device, args.batch_size, args.workers,
-                                  train=split == "train", seed=args.seed)
-               for split in ("train", "val", "test")}
+    loaders = make_loaders(args.data_dir, device, args.batch_size, args.workers, args.seed,
+                           compile_augment=args.compile)
     model = resnetv2_20().to(device=device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
                                   weight_decay=args.weight_decay)

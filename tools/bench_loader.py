@@ -12,6 +12,7 @@ Usage: python tools/bench_loader.py --data-dir data [--device auto] [--workers 2
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections.abc import Sequence
@@ -86,10 +87,10 @@ def conventional_batches(images, labels, device, batch_size, workers):
     return epoch, len(loader)
 
 
-def in_memory_batches(images, labels, device, batch_size, seed):
+def in_memory_batches(images, labels, device, batch_size, seed, compile_augment):
     all_images = torch.from_numpy(images).to(device).permute(0, 3, 1, 2)  # uint8, channels_last view
     all_labels = torch.from_numpy(labels).to(device)
-    augment = RandomCropFlip(seed, device)
+    augment = RandomCropFlip(seed, device, compile=compile_augment)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     n = len(all_images)
@@ -103,8 +104,8 @@ def in_memory_batches(images, labels, device, batch_size, seed):
     return epoch, (n + batch_size - 1) // batch_size
 
 
-def ffcv_batches(path, device, batch_size, workers, seed):
-    loader = make_loader(path, device, batch_size, workers, train=True, seed=seed)
+def ffcv_batches(path, device, batch_size, workers, seed, compile_augment):
+    loader = make_loader(path, device, batch_size, workers, train=True, seed=seed, compile_augment=compile_augment)
 
     def epoch():
         for images, labels, _ in loader:
@@ -140,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up epoch")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.compile the batched device op, as `train --compile` does (default: on)")
     p.add_argument("--out", type=Path, default=Path("results/bench_loader.json"))
     args = p.parse_args(argv)
     if args.workers < 1 or args.batch_size < 1 or args.epochs < 1:
@@ -152,9 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, conventional_kind = conventional_transforms()
 
     pipelines = {
-        "ffcv": ffcv_batches(path, device, args.batch_size, args.workers, args.seed),
+        "ffcv": ffcv_batches(path, device, args.batch_size, args.workers, args.seed, args.compile),
         "conventional": conventional_batches(images, labels, device, args.batch_size, args.workers),
-        "in_memory": in_memory_batches(images, labels, device, args.batch_size, args.seed),
+        "in_memory": in_memory_batches(images, labels, device, args.batch_size, args.seed, args.compile),
     }
     results = {name: measure(name, epoch, n, args.epochs, device) for name, (epoch, n) in pipelines.items()}
     base = results["conventional"]["images_per_s"]
@@ -164,12 +167,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["config"] = {"device": str(device), "device_name": device_name(device), "workers": args.workers,
                          "batch_size": args.batch_size, "timed_epochs": args.epochs,
                          "images": len(images), "conventional_transforms": conventional_kind,
-                         "torch": torch.__version__}
+                         "compiled_device_op": args.compile, "torch": torch.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, results)
 
     print(f"loader benchmark: {len(images):,} train images, batch {args.batch_size}, {args.workers} workers, "
-          f"{results['config']['device_name']} ({device})")
+          f"{results['config']['device_name']} ({device}), device op {'compiled' if args.compile else 'eager'}")
     header = f"{'pipeline':<14}{'images/s':>12}{'vs conventional':>17}{'s / epoch':>11}"
     print(header + "\n" + "-" * len(header))
     for name in ("ffcv", "conventional", "in_memory"):
