@@ -13,6 +13,7 @@ import time
 PROCESS_START = time.perf_counter()  # before importing torch: total_training_time_s starts here
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
@@ -209,21 +210,28 @@ def evaluate(model: nn.Module, loader, device: torch.device, max_steps: int | No
 
 
 def _git_commit() -> str | None:
+    """HEAD of the checkout that runs, with '+dirty' when it has uncommitted changes."""
+    here = Path(__file__).resolve().parent
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=5, cwd=here).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except OSError:
+        commit = git("rev-parse", "HEAD")
+        return commit + ("+dirty" if commit and git("status", "--porcelain", "--untracked-files=no") else "") or None
+    except (OSError, subprocess.SubprocessError):
         return None
 
 
 def environment(args: argparse.Namespace, device: torch.device) -> dict:
-    import ffcv
+    from importlib.metadata import version
+
     import numpy
 
     return {
         "fastcifar": __version__,
         "torch": torch.__version__,
-        "ffcv": getattr(ffcv, "__version__", "1.0.2"),
+        "ffcv": version("ffcv"),  # ffcv.__version__ says 0.0.3rc1 in the 1.0.2 release
         "numpy": numpy.__version__,
         "python": platform.python_version(),
         "device": str(device),
@@ -258,11 +266,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
     run_name = args.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{device.type}"
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create results folder {args.out}: {err.strerror or err}") from None
+    profile_dir = args.profile_dir / run_name
+    for folder in [args.out, *([profile_dir] if args.profile else [])]:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create folder {folder}: {err.strerror or err}") from None
 
+    env = environment(args, device)  # now, so git_commit is the code that runs
     torch.manual_seed(args.seed)
     loaders = make_loaders(args.data_dir, device, args.batch_size, args.workers, args.seed,
                            compile_augment=args.compile)
@@ -277,20 +288,18 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"train {len(loaders['train'])} batches of {args.batch_size}")
 
     timer = StepTimer(device)
-    profile_dir = args.profile_dir / run_name
     profile_epoch = min(args.profile_epoch, args.epochs)
     scalars = ScalarLog(profile_dir) if args.profile else None
     traces: list[Path] = []
     epochs = []
     for epoch in range(1, args.epochs + 1):
-        desc = f"epoch {epoch}/{args.epochs}"
-        if args.profile and epoch == profile_epoch:
-            with TraceProfiler(profile_dir, device, args.profile_schedule) as profiler:
-                stats = train_epoch(net, loaders["train"], optimizer, device, timer, args.max_steps_per_epoch,
-                                    desc=desc + " (profiling)", on_step=profiler.step)
-            traces = profiler.traces
-        else:
-            stats = train_epoch(net, loaders["train"], optimizer, device, timer, args.max_steps_per_epoch, desc=desc)
+        profiler = TraceProfiler(profile_dir, device, args.profile_schedule) if (
+            args.profile and epoch == profile_epoch) else None
+        with profiler or contextlib.nullcontext():
+            stats = train_epoch(net, loaders["train"], optimizer, device, timer, args.max_steps_per_epoch,
+                                desc=f"epoch {epoch}/{args.epochs}" + (" (profiling)" if profiler else ""),
+                                on_step=profiler.step if profiler else None)
+        traces = profiler.traces if profiler else traces
         val = evaluate(net, loaders["val"], device, args.max_steps_per_epoch, desc="val")
         stats = {"epoch": epoch, **stats, "val_loss": val["loss"], "val_acc": val["accuracy"]}
         epochs.append(stats)
@@ -328,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.profile else None,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                    if k != "profile_schedule"},
-        "env": environment(args, device),
+        "env": env,
     }
     weights = args.out / f"{run_name}.pt"
     with atomic_path(weights) as tmp:

@@ -110,10 +110,12 @@ def test_train_loader_shuffles_covers_everything_and_is_seeded(small_data):
     assert epoch1[1].tolist() == [label_of[i] for i in epoch1[2].tolist()]
 
 
-def test_augmented_batch_matches_reference_through_the_loader(small_data):
-    """The module inside the FFCV pipeline sees the right pixels: recompute from the beton."""
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_augmented_batch_matches_reference_through_the_loader(small_data, compile):
+    """The module inside the FFCV pipeline sees the right pixels: recompute from the beton.
+    Compiled (as under `train --compile`, inside FFCV's thread) it must give the same numbers."""
     path = small_data / "train.beton"
-    augment = RandomCropFlip(seed=0, device=CPU)
+    augment = RandomCropFlip(seed=0, device=CPU, compile=compile)
     loader = make_loader(path, CPU, batch_size=450, workers=1, train=True, seed=0, augment=augment)
     images, _, indices = next(iter(loader))
     beton = read_beton(path, ("image", "index"))

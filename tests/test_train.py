@@ -15,7 +15,7 @@ import torch
 from fastcifar.data import make_loader
 from fastcifar.model import count_parameters, resnetv2_20
 from fastcifar.profiling import StepTimer
-from fastcifar.train import train_epoch
+from fastcifar.train import evaluate, train_epoch
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,9 +59,11 @@ def _losses(small_data: Path, compiled: bool, epochs: int) -> tuple[list[float],
     net = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4)
     loader = make_loader(small_data / "train.beton", CPU, batch_size=128, workers=2, train=True, seed=0)
+    val = make_loader(small_data / "val.beton", CPU, batch_size=32, workers=2)  # 50 = 32 + 18
     losses, graphs = [], []
     for _ in range(epochs):
         train_epoch(net, loader, optimizer, CPU, StepTimer(CPU), on_step=lambda loss: losses.append(loss.item()))
+        evaluate(net, val, CPU)
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     return losses, graphs
 
@@ -74,7 +76,7 @@ def test_eager_and_compiled_agree_and_partial_batch_compiles_once(small_data):
     assert all(math.isfinite(v) for v in compiled)
     for a, b in zip(eager, compiled[:steps_per_epoch], strict=True):
         assert abs(a - b) < 1e-3, (eager, compiled)
-    # the partial last batch compiles in epoch 1; later epochs reuse the cached graphs
+    # the partial last batches (train and eval) compile in epoch 1; later epochs reuse the cached graphs
     assert graphs[0] > 0 and graphs[0] == graphs[1] == graphs[2], graphs
 
 
