@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
+import hashlib
 import io
+import json
 import os
 import pickle
 import tarfile
@@ -163,8 +165,6 @@ def source_digests(source: Path) -> tuple[str, str]:
     source = Path(source)
     if source.is_file():
         return file_digests(source)
-    import hashlib
-
     folder = source / BATCH_DIR if (source / BATCH_DIR).is_dir() else source
     md5, sha = hashlib.md5(), hashlib.sha256()
     for name in [*TRAIN_BATCHES, TEST_BATCH]:
@@ -274,8 +274,6 @@ def manifest_problem(data_dir: Path, check_hashes: bool = True) -> str | None:
     manifest_path = Path(data_dir) / MANIFEST
     if not manifest_path.is_file():
         return f"{manifest_path} is missing"
-    import json
-
     try:
         manifest = json.loads(manifest_path.read_text())
         expected = {s: (manifest["splits"][s]["sha256"], manifest["splits"][s]["bytes"]) for s in SPLITS}
@@ -329,17 +327,15 @@ def build(
     request = _request(sha, seed, val_per_class)
 
     if not force and manifest_problem(data_dir) is None:
-        import json
-
         manifest = json.loads((data_dir / MANIFEST).read_text())
         if {k: manifest.get(k) for k in request} == request:
             print(f"{data_dir}: betons are up to date with {source} (split seed {seed}); nothing to do "
                   "(--force rebuilds)")
             return manifest
 
+    cifar = load_cifar(source, expect_counts)
     if source.is_file() and md5 != OFFICIAL_MD5:
         print(f"note: {source} is not the official archive (md5 {md5}); using it since its layout is valid")
-    cifar = load_cifar(source, expect_counts)
     train_idx, val_idx = stratified_split(cifar.train_y, seed, val_per_class)
     train_images = planes_to_hwc(cifar.train_x)
     test_images = planes_to_hwc(cifar.test_x)

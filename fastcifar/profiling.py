@@ -2,7 +2,9 @@
 on-device augmentation) versus compute (forward, backward, optimizer step).
 
 `StepTimer` is always on and cheap: wall clock on CPU; on CUDA, events recorded at the phase
-boundaries and read once per epoch, so no step waits for the device.
+boundaries and read once per epoch, so no step waits for the device. `TraceProfiler` (--profile)
+records a torch.profiler window and rewrites the trace so torch-tb-profiler 0.4.3 shows the data
+phase as DataLoader time; `ScalarLog` writes per-epoch TensorBoard scalars beside it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-# torch-tb-profiler's Overview counts a range as DataLoader time when its name starts with this.
+# torch-tb-profiler counts a range as DataLoader time when its name starts with
+# "enumerate(DataLoader)#" and ends with ".__next__" (the names torch's own DataLoader uses).
 DATA_RANGE = "enumerate(DataLoader)#FFCVLoader.__next__"
 FORWARD_RANGE = "fastcifar#forward"
 BACKWARD_RANGE = "fastcifar#backward"
