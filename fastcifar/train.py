@@ -253,8 +253,8 @@ def _summary_table(results: dict) -> str:
         ("inference time per batch", f"{results['inference_time_per_batch_ms']:.2f} ms"),
         ("  incl. waiting for data", f"{results['inference_time_per_batch_incl_data_ms']:.2f} ms"),
         ("last-epoch train loss", f"{results['last_epoch_train_loss']:.4f}"),
-        ("validation accuracy (5,000)", f"{100 * results['val_accuracy']:.2f} %"),
-        ("test accuracy (10,000)", f"{100 * results['test_accuracy']:.2f} %"),
+        (f"validation accuracy ({results['val_images']:,})", f"{100 * results['val_accuracy']:.2f} %"),
+        (f"test accuracy ({results['test_images']:,})", f"{100 * results['test_accuracy']:.2f} %"),
         ("data / compute time", f"{results['data_time_s']:.1f} s / {results['compute_time_s']:.1f} s "
                                 f"(data fraction {results['data_fraction']:.3f})"),
     ]
@@ -301,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 on_step=profiler.step if profiler else None)
         traces = profiler.traces if profiler else traces
         val = evaluate(net, loaders["val"], device, args.max_steps_per_epoch, desc="val")
-        stats = {"epoch": epoch, **stats, "val_loss": val["loss"], "val_acc": val["accuracy"]}
+        stats = {"epoch": epoch, **stats, "val_loss": val["loss"], "val_acc": val["accuracy"],
+                 "val_images": val["images"]}
         epochs.append(stats)
         if scalars is not None:
             scalars.epoch(epoch, stats)
@@ -329,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "val_accuracy": epochs[-1]["val_acc"],
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
+        "val_images": epochs[-1]["val_images"],
+        "test_images": test["images"],
         "data_time_s": data_s,
         "compute_time_s": compute_s,
         "data_fraction": data_fraction(data_s, compute_s),

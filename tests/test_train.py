@@ -105,7 +105,8 @@ def test_cli_writes_six_metrics_and_weights(cli_run):
     assert [e["train_images"] for e in metrics["epochs"]] == [3 * 128] * 2
     assert metrics["last_epoch_train_loss"] == metrics["epochs"][-1]["train_loss"]
     assert metrics["env"]["seed"] == 0 and metrics["env"]["torch"] == torch.__version__
-    assert "test accuracy (10,000)" in result.stdout and "epoch  2/2" in result.stdout
+    assert metrics["test_images"] == 110 and metrics["val_images"] == 50  # one capped batch holds each split
+    assert "test accuracy (110)" in result.stdout and "epoch  2/2" in result.stdout
 
 
 def test_evaluate_reproduces_the_run(cli_run, small_data):
