@@ -315,8 +315,9 @@ def build(
     except OSError as err:
         raise UserError(f"cannot write to data dir {data_dir}: {err.strerror or err}") from None
     (data_dir / ".write-test").unlink(missing_ok=True)
-    for stale in data_dir.glob(".*.beton.*.tmp"):
-        stale.unlink()
+    for name in [*(f"{split}.beton" for split in SPLITS), MANIFEST, ARCHIVE_NAME]:
+        for stale in data_dir.glob(f".{name}.*.tmp"):  # left by a killed run (see atomic_path)
+            stale.unlink()
 
     if source is None:
         source = download_official(data_dir)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +212,27 @@ def test_real_archive(tmp_path):
         beton = read_beton(tmp_path / f"{split}.beton", fields=("label", "index"))
         np.testing.assert_array_equal(beton["label"], labels[beton["index"]])
         assert len(np.unique(beton["index"])) == manifest["counts"][split]
+
+
+@pytest.mark.skipif(not os.environ.get("FASTCIFAR_CIFAR_ARCHIVE"), reason="FASTCIFAR_CIFAR_ARCHIVE not set")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
+def test_real_signal_mid_write_leaves_nothing_complete(tmp_path, sig):
+    """A real Ctrl-C (to the process group, as a terminal sends it) or kill while train.beton is written."""
+    args = [sys.executable, str(TOOL), "--source", os.environ["FASTCIFAR_CIFAR_ARCHIVE"], "--data-dir", str(tmp_path)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".train.beton.*.tmp")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.5)  # well inside the ~4 s write of train.beton
+    os.killpg(proc.pid, sig)
+    _, stderr = proc.communicate(timeout=120)
+    names = [p.name for p in tmp_path.iterdir()]
+    assert not [n for n in names if n.endswith(".beton") or n == "manifest.json"], names
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "make_beton: interrupted"
+        assert "Traceback" not in stderr and names == []
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    # the next run removes any leftover temporary file and completes
+    assert run_tool(*args[2:]).returncode == 0
+    assert betons.manifest_problem(tmp_path) is None and not list(tmp_path.glob("*.tmp"))
