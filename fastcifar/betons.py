@@ -398,13 +398,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--source", type=Path, default=None,
                         help="local cifar-10-python.tar.gz or extracted cifar-10-batches-py folder "
-                             "(default: download the official archive into --data-dir)")
-    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="output folder (default: data)")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/val split (default: 0)")
+                             "(None: download the official archive into --data-dir)")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="output folder")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/val split")
     parser.add_argument("--val-per-class", type=int, default=500,
-                        help="validation images per class taken from the training set (default: 500)")
+                        help="validation images per class taken from the training set")
     parser.add_argument("--expect-counts", type=_counts, default=(50_000, 10_000), metavar="TRAIN,TEST",
-                        help="image counts the source must hold (default: 50000,10000; for subsets)")
+                        help="image counts the source must hold (other values: for subsets)")
     parser.add_argument("--force", action="store_true", help="rebuild even when the betons are up to date")
     args = parser.parse_args(argv)
     if args.val_per_class < 1:

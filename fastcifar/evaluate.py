@@ -30,11 +30,11 @@ def load_model(weights: Path, device: torch.device) -> torch.nn.Module:
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="fastcifar.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--weights", type=Path, required=True, help="a .pt file written by fastcifar.train")
-    p.add_argument("--split", choices=["val", "test"], default="test")
-    p.add_argument("--data-dir", type=Path, default=Path("data"))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--split", choices=["val", "test"], default="test", help="which beton to evaluate")
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="betons from tools/make_beton.py")
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    p.add_argument("--workers", type=int, default=2, help="FFCV loader threads")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.workers < 1:

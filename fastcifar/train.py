@@ -55,28 +55,28 @@ from .utils import (  # noqa: E402
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(prog="fastcifar.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="betons from tools/make_beton.py")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--epochs", type=int, default=10, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=128, help="images per batch (train and eval)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, constant")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW (decoupled) weight decay")
     p.add_argument("--seed", type=int, default=0, help="model init, batch order and augmentation")
     p.add_argument("--workers", type=int, default=2, help="FFCV loader threads")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (train and eval) and the on-device augmentation")
-    p.add_argument("--compile-mode", default="default",
-                   choices=["default", "reduce-overhead", "max-autotune"])
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode, with --compile")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, metavar="N",
                    help="stop each epoch (and each evaluation) after N batches: for smoke runs")
     p.add_argument("--out", type=Path, default=Path("results"), help="results folder")
-    p.add_argument("--run-name", default=None, help="default: <date>-<time>-<device>")
+    p.add_argument("--run-name", default=None, help="name of the results files; None: <date>-<time>-<device>")
     p.add_argument("--profile", action="store_true",
                    help="write a torch.profiler trace and TensorBoard scalars to <profile-dir>/<run-name>/")
-    p.add_argument("--profile-dir", type=Path, default=Path("profiles"))
+    p.add_argument("--profile-dir", type=Path, default=Path("profiles"), help="where --profile writes")
     p.add_argument("--profile-steps", default="5,3,10", metavar="WAIT,WARMUP,ACTIVE",
-                   help="profiler schedule within the profiled epoch (default 5,3,10)")
+                   help="profiler schedule within the profiled epoch")
     p.add_argument("--profile-epoch", type=int, default=2,
-                   help="epoch to profile (default 2, after compilation; capped at --epochs)")
+                   help="epoch to profile (after compilation; capped at --epochs)")
     args = p.parse_args(argv)
     args.profile_schedule = parse_profile_steps(args.profile_steps)
     for name, low in [("epochs", 1), ("batch_size", 1), ("workers", 1), ("max_steps_per_epoch", 1),

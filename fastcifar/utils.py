@@ -19,7 +19,12 @@ class UserError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (via UserError), not usage text plus an error."""
+    """argparse, but a bad flag is one line (via UserError), not usage text plus an error; --help
+    shows every default (they are the spec's recipe)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise UserError(message)

@@ -135,15 +135,15 @@ def measure(name: str, epoch, n_batches: int, epochs: int, device) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="bench_loader", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", type=Path, default=Path("data"))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="betons from tools/make_beton.py")
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--workers", type=int, default=2, help="FFCV threads and DataLoader worker processes")
+    p.add_argument("--batch-size", type=int, default=128, help="images per batch")
     p.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up epoch")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="order and augmentation seed")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="torch.compile the batched device op, as `train --compile` does (default: on)")
-    p.add_argument("--out", type=Path, default=Path("results/bench_loader.json"))
+                   help="torch.compile the batched device op, as `train --compile` does")
+    p.add_argument("--out", type=Path, default=Path("results/bench_loader.json"), help="JSON results")
     args = p.parse_args(argv)
     if args.workers < 1 or args.batch_size < 1 or args.epochs < 1:
         raise UserError("--workers, --batch-size and --epochs must be at least 1")
