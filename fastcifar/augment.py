@@ -14,8 +14,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 (x / 255 - mean) / std: the spec's order of operations, so results match it exactly."""
+    return (images.float() / 255 - mean) / std
+
+
 class Normalize(nn.Module):
-    """uint8 NCHW -> float32 (x / 255 - mean) / std, channels_last. Used alone for val/test."""
+    """uint8 NCHW -> normalised float32 channels_last: val/test's whole device op (RandomCropFlip
+    uses its mean/std buffers)."""
 
     def __init__(self, device: torch.device | str = "cpu", mean: tuple[float, ...] = IMAGENET_MEAN,
                  std: tuple[float, ...] = IMAGENET_STD):
@@ -25,8 +31,7 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std, **opts).view(1, -1, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = (images.float() / 255 - self.mean) / self.std
-        return out.contiguous(memory_format=torch.channels_last)
+        return normalize(images, self.mean, self.std).contiguous(memory_format=torch.channels_last)
 
 
 def crop_flip_normalize(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, mean: torch.Tensor,
@@ -43,7 +48,7 @@ def crop_flip_normalize(images: torch.Tensor, offsets: torch.Tensor, flips: torc
     flat = rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]
     # Gather the uint8 pixels first (4x less memory than float), then normalise only the crop.
     pixels = images.reshape(n, c, h * w).gather(2, flat.view(n, 1, -1).expand(n, c, -1))
-    out = (pixels.view(n, c, size, size).float() / 255 - mean) / std
+    out = normalize(pixels.view(n, c, size, size), mean, std)
     # Padding is exactly 0 after normalisation: the mean colour, as in the spec's reference.
     return torch.where(inside, out, 0.0).contiguous(memory_format=torch.channels_last)
 
