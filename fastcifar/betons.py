@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -106,8 +105,13 @@ def _parse_batch(name: str, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
     return data, labels.astype(np.int64)
 
 
+def _batch_folder(root: Path) -> Path:
+    """An extracted copy: the cifar-10-batches-py folder itself, or the folder holding it."""
+    return root / BATCH_DIR if (root / BATCH_DIR).is_dir() else root
+
+
 def _read_members_from_dir(root: Path) -> dict[str, bytes]:
-    folder = root / BATCH_DIR if (root / BATCH_DIR).is_dir() else root
+    folder = _batch_folder(root)
     out = {}
     for name in [*TRAIN_BATCHES, TEST_BATCH]:
         path = folder / name
@@ -165,15 +169,8 @@ def source_digests(source: Path) -> tuple[str, str]:
     source = Path(source)
     if source.is_file():
         return file_digests(source)
-    folder = source / BATCH_DIR if (source / BATCH_DIR).is_dir() else source
-    md5, sha = hashlib.md5(), hashlib.sha256()
-    for name in [*TRAIN_BATCHES, TEST_BATCH]:
-        path = folder / name
-        if path.is_file():
-            data = path.read_bytes()
-            md5.update(data)
-            sha.update(data)
-    return md5.hexdigest(), sha.hexdigest()
+    folder = _batch_folder(source)
+    return file_digests(*(p for n in [*TRAIN_BATCHES, TEST_BATCH] if (p := folder / n).is_file()))
 
 
 def download_official(data_dir: Path) -> Path:

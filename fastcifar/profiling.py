@@ -9,10 +9,13 @@ phase as DataLoader time; `ScalarLog` writes per-epoch TensorBoard scalars besid
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import torch
+
+from .utils import UserError, atomic_path
 
 # torch-tb-profiler counts a range as DataLoader time when its name starts with
 # "enumerate(DataLoader)#" and ends with ".__next__" (the names torch's own DataLoader uses).
@@ -77,8 +80,6 @@ def data_fraction(data_s: float, compute_s: float) -> float:
 
 def parse_profile_steps(text: str) -> tuple[int, int, int]:
     """'WAIT,WARMUP,ACTIVE' -> ints; wait/warmup >= 0, active >= 1."""
-    from .utils import UserError
-
     try:
         wait, warmup, active = (int(v) for v in text.split(","))
     except ValueError:
@@ -96,10 +97,6 @@ def rewrite_trace(path: Path) -> tuple[int, int]:
     Relabelled `cpu_op`, they become operators: the DataLoader share shows in its Overview.
     Perfetto and chrome://tracing read either category. Atomic; returns (events, relabelled).
     """
-    import json
-
-    from .utils import atomic_path
-
     trace = json.loads(Path(path).read_text())
     events = trace.get("traceEvents", [])
     changed = 0

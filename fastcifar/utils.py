@@ -43,13 +43,14 @@ def run_cli(main: Callable[[Sequence[str] | None], int], prog: str) -> None:
     sys.exit(code)
 
 
-def file_digests(path: Path, chunk: int = 1 << 20) -> tuple[str, str]:
-    """(md5, sha256) of a file, read once."""
+def file_digests(*paths: Path, chunk: int = 1 << 20) -> tuple[str, str]:
+    """(md5, sha256) of one file, or of several read one after another in the given order; read once."""
     md5, sha = hashlib.md5(), hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            md5.update(block)
-            sha.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                md5.update(block)
+                sha.update(block)
     return md5.hexdigest(), sha.hexdigest()
 
 
