@@ -10,7 +10,12 @@ SOURCE     ?= $(FASTCIFAR_CIFAR_ARCHIVE)
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TRAIN_ARGS ?=
 
-.PHONY: setup system-deps python-deps betons run test lint bench clean
+# make gpu-check DATA=<betons folder or CIFAR archive> OUT=<folder>   (SMOKE=1: CPU, synthetic data)
+DATA       ?= $(DATA_DIR)
+OUT        ?= results/gpu-check
+SMOKE      ?=
+
+.PHONY: setup system-deps python-deps betons run test lint bench gpu-check clean
 
 setup: system-deps python-deps
 
@@ -47,6 +52,10 @@ test: setup lint
 
 bench: betons
 	$(PYTHON) tools/bench_loader.py --data-dir $(DATA_DIR)
+
+# No set-up here on purpose: a GPU machine brings its own CUDA build of torch (and may be offline).
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --out $(OUT) $(if $(SMOKE),--smoke,--data $(DATA))
 
 clean:
 	rm -rf results profiles/*/ .pytest_cache

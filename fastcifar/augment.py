@@ -60,7 +60,10 @@ class RandomCropFlip(nn.Module):
     spec's reference. Each image draws its own offset (uniform over the (2*pad+1)^2 positions) and
     its own flip from a generator on the images' device, seeded once: same seed, same batches.
     compile=True runs the op through torch.compile: one fused kernel/loop, same numbers bit for bit
-    (about 3x faster on CPU; ~10 s to compile once, plus once for the last partial batch).
+    (about 3x faster on CPU; ~10 s to compile once, plus once for the last partial batch). The op
+    runs in FFCV's thread, so it is compiled by `warm_up` on the main thread before the first batch
+    (see precompile.py), in the default mode only: CUDA-graph trees fail outside the thread that
+    recorded them (pytorch#123177).
     """
 
     def __init__(self, seed: int, device: torch.device | str, pad: int = 4, size: int = 32,
@@ -70,9 +73,21 @@ class RandomCropFlip(nn.Module):
         self.pad, self.size, self.flip_p = pad, size, flip_p
         self.generator = torch.Generator(device=torch.device(device))
         self.generator.manual_seed(seed)
-        self.op = torch.compile(crop_flip_normalize) if compile else crop_flip_normalize
+        self.compiled = compile
+        self.op = torch.compile(crop_flip_normalize, mode="default") if compile else crop_flip_normalize
+        # For tests only. On CUDA they live on FFCV's side stream and are overwritten by the next batch.
         self.last_offsets: torch.Tensor | None = None  # (N, 2) rows, cols of the last batch
         self.last_flips: torch.Tensor | None = None  # (N,) bool
+
+    def warm_up(self, sizes: list[int], height: int = 32, width: int = 32) -> None:
+        """Compile the op for each batch size on zeros laid out as FFCV hands them over (an NCHW view
+        of NHWC uint8), without drawing from the generator: the run's augmentation is unchanged."""
+        device = self.normalize.mean.device
+        for n in sizes:
+            images = torch.zeros(n, height, width, 3, dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
+            offsets = torch.zeros(n, 2, dtype=torch.int64, device=device)
+            flips = torch.zeros(n, dtype=torch.bool, device=device)
+            self.op(images, offsets, flips, self.normalize.mean, self.normalize.std, self.pad, self.size)
 
     def draw(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image crop offsets (N, 2) in [0, 2*pad] and flip flags (N,)."""

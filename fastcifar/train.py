@@ -1,35 +1,32 @@
 """Train ResNetV2-20 on CIFAR-10 from FFCV betons: `python -m fastcifar.train --compile`.
 
 Defaults are the benchmark's recipe: AdamW (lr 1e-3, betas 0.9/0.999, weight decay 1e-4), 10 epochs,
-batch 128, constant learning rate, float32 (no autocast), channels_last. Reads top to bottom:
+batch 128, constant learning rate, float32 (no autocast, no TF32 unless --tf32), channels_last. Reads top to bottom:
 flags, one training epoch, evaluation, timed inference, then `main` which runs them and writes
 the six metrics (see README) to <out>/<run-name>.json and the weights to <out>/<run-name>.pt.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import math
+import sys
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
-PROCESS_START = time.perf_counter()  # before importing torch: total_training_time_s starts here
+import torch
+from torch import nn
+from torch.autograd.profiler import record_function
+from tqdm import tqdm
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.autograd.profiler import record_function  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from . import __version__  # noqa: E402
-from .data import make_loaders  # noqa: E402
-from .model import count_parameters, resnetv2_20  # noqa: E402
-from .profiling import (  # noqa: E402
+from . import __version__
+from .data import make_loaders
+from .env import environment, seconds_since_process_start, set_float32_precision
+from .model import count_parameters, resnetv2_20
+from .precompile import frozen, mark_step, warm_up_run
+from .profiling import (
     BACKWARD_RANGE,
     DATA_RANGE,
     FORWARD_RANGE,
@@ -40,7 +37,8 @@ from .profiling import (  # noqa: E402
     data_fraction,
     parse_profile_steps,
 )
-from .utils import (  # noqa: E402
+from .results import collect, epoch_line, summary_table
+from .utils import (
     ArgumentParser,
     UserError,
     atomic_path,
@@ -65,7 +63,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (train and eval) and the on-device augmentation")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile mode, with --compile")
+                   help="torch.compile mode of the model, with --compile (the device op always uses default)")
+    p.add_argument("--tf32", action="store_true",
+                   help="let cuDNN convolutions and matmuls use TF32 on GPUs (not float32: off by default)")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, metavar="N",
                    help="stop each epoch (and each evaluation) after N batches: for smoke runs")
     p.add_argument("--out", type=Path, default=Path("results"), help="results folder")
@@ -103,10 +103,12 @@ def _batches(loader, max_steps: int | None) -> int:
 
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, device: torch.device,
                 timer: StepTimer, max_steps: int | None = None, desc: str = "train",
-                on_step=None) -> dict:
+                on_step=None, compile_mode: str | None = None) -> dict:
     """One pass over the train loader. Loss and accuracy are summed on the device (no per-step sync).
 
     on_step(loss), when given, runs after every optimizer step (the profiler's step, tests' spies).
+    Under --compile-mode reduce-overhead the model's outputs are CUDA-graph buffers that the next
+    step overwrites: they are folded into the sums before the next step is launched, never kept.
     """
     model.train()
     timer.reset()
@@ -127,6 +129,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, devi
             break
         images, labels, _ = batch
         timer.data_end()
+        mark_step(compile_mode)
         with record_function(FORWARD_RANGE):
             logits = model(images)
             loss = nn.functional.cross_entropy(logits, labels)
@@ -135,11 +138,11 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, devi
             loss.backward()
         with record_function(OPTIMIZER_RANGE):
             optimizer.step()
-        timer.compute_end()
         n = labels.shape[0]
         seen += n
         loss_sum += loss.detach() * n
         correct += (logits.detach().argmax(1) == labels).sum()
+        timer.compute_end()  # after the sums: on CUDA every kernel of the step falls inside a phase
         bar.update()
         if timer.steps % 50 == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
@@ -166,35 +169,27 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, devi
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, max_steps: int | None = None,
-             desc: str = "eval", timed: bool = False) -> dict:
-    """Loss and accuracy over a loader, eval mode. timed=True also times each batch's forward pass
-    (CUDA events, or wall clock after the work is done on CPU) and forward plus the wait for the batch."""
+             desc: str = "eval", compile_mode: str | None = None) -> dict:
+    """Loss and accuracy over a loader, eval mode, and the time of each batch's forward pass with and
+    without the wait for the batch: CUDA events read once at the end (no per-batch sync), or wall
+    clock on CPU, where the work is done when the call returns."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen, forward_s, with_data_s = 0, [], []
-    cuda = device.type == "cuda"
+    seen = 0
+    timer = StepTimer(device)
     bar = _progress(_batches(loader, max_steps), desc)
     batches = iter(loader)
-    while max_steps is None or bar.n < max_steps:
-        waited_from = time.perf_counter()
+    while max_steps is None or timer.steps < max_steps:
+        timer.data_start()
         batch = next(batches, None)
         if batch is None:
             break
         images, labels, _ = batch
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        t_ready = time.perf_counter()
+        timer.data_end()
+        mark_step(compile_mode)
         logits = model(images)
-        if timed:
-            if cuda:
-                end.record()
-                end.synchronize()
-                forward_s.append(start.elapsed_time(end) / 1e3)
-            else:
-                forward_s.append(time.perf_counter() - t_ready)
-            with_data_s.append(time.perf_counter() - waited_from)
+        timer.compute_end()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
         seen += labels.shape[0]
@@ -202,64 +197,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, max_steps: int | No
     bar.close()
     if hasattr(batches, "close"):
         batches.close()
-    out = {"loss": loss_sum.item() / max(seen, 1), "accuracy": correct.item() / max(seen, 1), "images": seen}
-    if timed:
-        out["forward_ms_per_batch"] = 1e3 * sum(forward_s) / len(forward_s)
-        out["forward_incl_data_ms_per_batch"] = 1e3 * sum(with_data_s) / len(with_data_s)
-    return out
-
-
-def _git_commit() -> str | None:
-    """HEAD of the checkout that runs, with '+dirty' when it has uncommitted changes."""
-    here = Path(__file__).resolve().parent
-
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=5, cwd=here).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        return commit + ("+dirty" if commit and git("status", "--porcelain", "--untracked-files=no") else "") or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(args: argparse.Namespace, device: torch.device) -> dict:
-    from importlib.metadata import version
-
-    import numpy
-
-    return {
-        "fastcifar": __version__,
-        "torch": torch.__version__,
-        "ffcv": version("ffcv"),  # ffcv.__version__ says 0.0.3rc1 in the 1.0.2 release
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "device_name": device_name(device),
-        "torch_threads": torch.get_num_threads(),
-        "compile": args.compile,
-        "compile_mode": args.compile_mode if args.compile else None,
-        "seed": args.seed,
-        "git_commit": _git_commit(),
-        "command": " ".join([Path(sys.executable).name, "-m", "fastcifar.train", *sys.argv[1:]]),
-    }
-
-
-def _summary_table(results: dict) -> str:
-    rows = [
-        ("total training time", f"{results['total_training_time_s']:.1f} s"),
-        ("mean epoch time", f"{results['epoch_time_s']:.1f} s"),
-        ("mean epoch time, excl. epoch 1", f"{results['epoch_time_excl_first_s']:.1f} s"),
-        ("inference time per batch", f"{results['inference_time_per_batch_ms']:.2f} ms"),
-        ("  incl. waiting for data", f"{results['inference_time_per_batch_incl_data_ms']:.2f} ms"),
-        ("last-epoch train loss", f"{results['last_epoch_train_loss']:.4f}"),
-        (f"validation accuracy ({results['val_images']:,})", f"{100 * results['val_accuracy']:.2f} %"),
-        (f"test accuracy ({results['test_images']:,})", f"{100 * results['test_accuracy']:.2f} %"),
-        ("data / compute time", f"{results['data_time_s']:.1f} s / {results['compute_time_s']:.1f} s "
-                                f"(data fraction {results['data_fraction']:.3f})"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+    wait_s, forward_s = timer.totals()
+    steps = max(timer.steps, 1)
+    return {"loss": loss_sum.item() / max(seen, 1), "accuracy": correct.item() / max(seen, 1), "images": seen,
+            "forward_ms_per_batch": 1e3 * forward_s / steps,
+            "forward_incl_data_ms_per_batch": 1e3 * (wait_s + forward_s) / steps}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -273,81 +215,68 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as err:
             raise UserError(f"cannot create folder {folder}: {err.strerror or err}") from None
 
-    env = environment(args, device)  # now, so git_commit is the code that runs
+    compile_mode = args.compile_mode if args.compile else None
+    precision = set_float32_precision(device, args.tf32)
+    env = environment(device, compile=args.compile, compile_mode=compile_mode, precision=precision, seed=args.seed)
     torch.manual_seed(args.seed)
     loaders = make_loaders(args.data_dir, device, args.batch_size, args.workers, args.seed,
                            compile_augment=args.compile)
     model = resnetv2_20().to(device=device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
                                   weight_decay=args.weight_decay)
-    # Under --compile the last, partial batch of an epoch triggers one recompile with a dynamic batch
-    # dimension (dynamo's automatic dynamic shapes); both graphs stay cached, so later epochs reuse them.
     net = torch.compile(model, mode=args.compile_mode) if args.compile else model
     print(f"fastcifar {__version__}: ResNetV2-20 ({count_parameters(model):,} parameters) on "
           f"{device_name(device)}, {'torch.compile ' + args.compile_mode if args.compile else 'eager'}, "
-          f"train {len(loaders['train'])} batches of {args.batch_size}")
+          f"{'TF32' if args.tf32 else 'float32'}, train {len(loaders['train'])} batches of {args.batch_size}",
+          flush=True)
+    # Every compilation now, on this thread, before FFCV's threads start (see precompile.py).
+    synchronize(device)
+    t0 = time.perf_counter()
+    sizes = warm_up_run(net, model, loaders, device, args.batch_size, args.max_steps_per_epoch, compile_mode)
+    synchronize(device)
+    warm_up_s = time.perf_counter() - t0
+    if args.compile:
+        print(f"compiled for batch sizes {sizes} in {warm_up_s:.1f} s", flush=True)
 
     timer = StepTimer(device)
     profile_epoch = min(args.profile_epoch, args.epochs)
     scalars = ScalarLog(profile_dir) if args.profile else None
     traces: list[Path] = []
     epochs = []
-    for epoch in range(1, args.epochs + 1):
-        profiler = TraceProfiler(profile_dir, device, args.profile_schedule) if (
-            args.profile and epoch == profile_epoch) else None
-        with profiler or contextlib.nullcontext():
-            stats = train_epoch(net, loaders["train"], optimizer, device, timer, args.max_steps_per_epoch,
-                                desc=f"epoch {epoch}/{args.epochs}" + (" (profiling)" if profiler else ""),
-                                on_step=profiler.step if profiler else None)
-        traces = profiler.traces if profiler else traces
-        val = evaluate(net, loaders["val"], device, args.max_steps_per_epoch, desc="val")
-        stats = {"epoch": epoch, **stats, "val_loss": val["loss"], "val_acc": val["accuracy"],
-                 "val_images": val["images"]}
-        epochs.append(stats)
+    with frozen():
+        for epoch in range(1, args.epochs + 1):
+            profiler = TraceProfiler(profile_dir, device, args.profile_schedule) if (
+                args.profile and epoch == profile_epoch) else None
+            with profiler or contextlib.nullcontext():
+                stats = train_epoch(net, loaders["train"], optimizer, device, timer, args.max_steps_per_epoch,
+                                    desc=f"epoch {epoch}/{args.epochs}" + (" (profiling)" if profiler else ""),
+                                    on_step=profiler.step if profiler else None, compile_mode=compile_mode)
+            traces = profiler.traces if profiler else traces
+            val = evaluate(net, loaders["val"], device, args.max_steps_per_epoch, desc="val",
+                           compile_mode=compile_mode)
+            stats = {"epoch": epoch, **stats, "val_loss": val["loss"], "val_acc": val["accuracy"],
+                     "val_images": val["images"]}
+            epochs.append(stats)
+            if scalars is not None:
+                scalars.epoch(epoch, stats)
+            print(epoch_line(stats, args.epochs), flush=True)
+        total_training_time = seconds_since_process_start()
         if scalars is not None:
-            scalars.epoch(epoch, stats)
-        print(f"epoch {epoch:>2}/{args.epochs}  train loss {stats['train_loss']:.4f}  "
-              f"train acc {100 * stats['train_acc']:.2f}%  val loss {stats['val_loss']:.4f}  "
-              f"val acc {100 * stats['val_acc']:.2f}%  {stats['seconds']:.1f} s  "
-              f"{stats['images_per_s']:.0f} img/s  data {100 * stats['data_fraction']:.1f}%", flush=True)
-    total_training_time = time.perf_counter() - PROCESS_START
+            scalars.close()
+        test = evaluate(net, loaders["test"], device, args.max_steps_per_epoch, desc="test",
+                        compile_mode=compile_mode)
 
-    if scalars is not None:
-        scalars.close()
-    test = evaluate(net, loaders["test"], device, args.max_steps_per_epoch, desc="test", timed=True)
-    times = [e["seconds"] for e in epochs]
-    data_s = sum(e["data_time_s"] for e in epochs)
-    compute_s = sum(e["compute_time_s"] for e in epochs)
-    results = {
-        "run_name": run_name,
-        "total_training_time_s": total_training_time,
-        "epoch_time_s": sum(times) / len(times),
-        "epoch_times_s": times,
-        "epoch_time_excl_first_s": sum(times[1:]) / len(times[1:]) if len(times) > 1 else times[0],
-        "inference_time_per_batch_ms": test["forward_ms_per_batch"],
-        "inference_time_per_batch_incl_data_ms": test["forward_incl_data_ms_per_batch"],
-        "last_epoch_train_loss": epochs[-1]["train_loss"],
-        "val_accuracy": epochs[-1]["val_acc"],
-        "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
-        "val_images": epochs[-1]["val_images"],
-        "test_images": test["images"],
-        "data_time_s": data_s,
-        "compute_time_s": compute_s,
-        "data_fraction": data_fraction(data_s, compute_s),
-        "epochs": epochs,
-        "profile": {"dir": str(profile_dir), "epoch": profile_epoch, "traces": [str(t) for t in traces]}
-        if args.profile else None,
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                   if k != "profile_schedule"},
-        "env": env,
-    }
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "profile_schedule"}
+    profile = {"dir": str(profile_dir), "epoch": profile_epoch, "traces": [str(t) for t in traces]} \
+        if args.profile else None
+    results = collect(run_name, total_training_time, epochs, test, config, env, profile)
+    results["warm_up_s"] = warm_up_s
     weights = args.out / f"{run_name}.pt"
     with atomic_path(weights) as tmp:
         torch.save(model.state_dict(), tmp)
     write_json_atomic(args.out / f"{run_name}.json", results)
     print(f"\nResNetV2-20 on CIFAR-10, {len(epochs)} epochs, {results['env']['device_name']}:")
-    print(_summary_table(results))
+    print(summary_table(results))
     print(f"results: {args.out / (run_name + '.json')}  weights: {weights}")
     if args.profile:
         print(f"profile: {', '.join(map(str, traces)) or 'no trace (window longer than the epoch?)'}; "

@@ -25,6 +25,7 @@ from tqdm import tqdm  # noqa: E402
 
 from fastcifar.augment import IMAGENET_MEAN, IMAGENET_STD, RandomCropFlip  # noqa: E402
 from fastcifar.data import check_betons, make_loader, read_beton  # noqa: E402
+from fastcifar.precompile import batch_sizes, frozen  # noqa: E402
 from fastcifar.utils import (  # noqa: E402
     ArgumentParser,
     UserError,
@@ -94,6 +95,8 @@ def in_memory_batches(images, labels, device, batch_size, seed, compile_augment)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     n = len(all_images)
+    if compile_augment:
+        augment.warm_up(batch_sizes(n, batch_size))
 
     def epoch():
         order = torch.randperm(n, device=device, generator=generator)
@@ -106,6 +109,8 @@ def in_memory_batches(images, labels, device, batch_size, seed, compile_augment)
 
 def ffcv_batches(path, device, batch_size, workers, seed, compile_augment):
     loader = make_loader(path, device, batch_size, workers, train=True, seed=seed, compile_augment=compile_augment)
+    if compile_augment:  # compile on this thread, never in FFCV's (see fastcifar/precompile.py)
+        loader.augment.warm_up(batch_sizes(loader.images, batch_size))
 
     def epoch():
         for images, labels, _ in loader:
@@ -159,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "conventional": conventional_batches(images, labels, device, args.batch_size, args.workers),
         "in_memory": in_memory_batches(images, labels, device, args.batch_size, args.seed, args.compile),
     }
-    results = {name: measure(name, epoch, n, args.epochs, device) for name, (epoch, n) in pipelines.items()}
+    with frozen():
+        results = {name: measure(name, epoch, n, args.epochs, device) for name, (epoch, n) in pipelines.items()}
     base = results["conventional"]["images_per_s"]
     for r in results.values():
         r["ratio_to_conventional"] = r["images_per_s"] / base

@@ -1,0 +1,130 @@
+"""The CUDA lane: what only a GPU can show. Every test here is marked `cuda` and skipped, with the
+reason, where torch sees no GPU (CI has none). `make gpu-check` runs them on a CUDA machine:
+`python -m pytest -m cuda`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastcifar.augment import IMAGENET_MEAN, IMAGENET_STD, crop_flip_normalize
+from fastcifar.data import make_loader, make_loaders, read_beton
+from fastcifar.model import resnetv2_20
+from fastcifar.precompile import frozen, warm_up_run
+from fastcifar.profiling import DATA_RANGE, StepTimer
+from fastcifar.train import train_epoch
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
+]
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.device("cuda")
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_device_op_on_cuda_equals_the_cpu_reference(compiled):
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (100, 32, 32, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    offsets = torch.randint(0, 9, (100, 2))
+    flips = torch.rand(100) < 0.5
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    op = torch.compile(crop_flip_normalize) if compiled else crop_flip_normalize
+
+    def run(device, m, s):
+        return op(images.to(device), offsets.to(device), flips.to(device), m.to(device), s.to(device), 4, 32).cpu()
+
+    # the gather: with mean 0 and std 1/255 the output is the uint8 pixel itself, exactly
+    unit = torch.zeros(1, 3, 1, 1), torch.full((1, 3, 1, 1), 1 / 255)
+    assert torch.equal(run(CUDA, *unit).round(), crop_flip_normalize(images, offsets, flips, *unit, 4, 32).round())
+    torch.testing.assert_close(run(CUDA, mean, std), run(CPU, mean, std), atol=1e-6, rtol=0)
+
+
+def _epoch(loader):
+    xs, ys, idx = zip(*loader, strict=True)
+    return torch.cat(xs), torch.cat(ys), torch.cat(idx)
+
+
+@pytest.mark.parametrize("batch_size", [10, 16])
+def test_cuda_loaders_yield_every_image_once(small_data, batch_size):
+    for split in ("val", "test"):
+        beton = read_beton(small_data / f"{split}.beton", ("index",))
+        images, labels, indices = _epoch(make_loader(small_data / f"{split}.beton", CUDA, batch_size, 2))
+        assert images.is_cuda and labels.is_cuda and indices.is_cuda
+        assert indices.tolist() == beton["index"].tolist()
+    train = make_loader(small_data / "train.beton", CUDA, batch_size, 2, train=True, seed=3)
+    expected = sorted(read_beton(small_data / "train.beton", ("index",))["index"].tolist())
+    for _ in range(2):
+        images, _, indices = _epoch(train)
+        assert sorted(indices.tolist()) == expected and images.shape[0] == len(expected)
+
+
+def test_same_seed_same_batches_on_cuda(small_data):
+    path = small_data / "train.beton"
+    a = _epoch(make_loader(path, CUDA, 64, 2, train=True, seed=7, compile_augment=False))
+    b = _epoch(make_loader(path, CUDA, 64, 2, train=True, seed=7, compile_augment=False))
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
+def _first_steps(small_data: Path, mode: str | None, steps: int = 3, batch_size: int = 64):
+    """Losses of the first steps from seed 0 and the epoch's stats, the trainer's way (warm-up, frozen)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = resnetv2_20().to(CUDA, memory_format=torch.channels_last)
+    net = torch.compile(model, mode=mode) if mode else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4)
+    loaders = make_loaders(small_data, CUDA, batch_size, 2, seed=0, compile_augment=mode is not None)
+    warm_up_run(net, model, loaders, CUDA, batch_size, steps, mode)
+    losses: list[float] = []
+    with frozen():
+        stats = train_epoch(net, loaders["train"], optimizer, CUDA, StepTimer(CUDA), max_steps=steps,
+                            on_step=lambda loss: losses.append(loss.item()), compile_mode=mode)
+    return losses, stats
+
+
+def test_eager_and_compiled_agree_on_cuda(small_data):
+    eager, _ = _first_steps(small_data, None)
+    compiled, _ = _first_steps(small_data, "default")
+    assert len(eager) == len(compiled) == 3
+    for a, b in zip(eager, compiled, strict=True):
+        assert abs(a - b) < 1e-3 * max(1.0, abs(a)), (eager, compiled)
+
+
+def test_reduce_overhead_trains_and_matches_default_first_step(small_data):
+    default, _ = _first_steps(small_data, "default")
+    graphs, stats = _first_steps(small_data, "reduce-overhead")
+    assert all(math.isfinite(v) for v in graphs) and math.isfinite(stats["train_loss"])
+    assert abs(graphs[0] - default[0]) < 1e-3 * max(1.0, abs(default[0])), (default, graphs)
+
+
+def test_data_plus_compute_adds_up_to_the_epoch_on_cuda(small_data):
+    torch.manual_seed(0)
+    model = resnetv2_20().to(CUDA, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = make_loader(small_data / "train.beton", CUDA, 16, 2, train=True)
+    train_epoch(model, loader, optimizer, CUDA, StepTimer(CUDA))  # FFCV's first-epoch JIT: untimed
+    stats = train_epoch(model, loader, optimizer, CUDA, StepTimer(CUDA))
+    measured = stats["data_time_s"] + stats["compute_time_s"]
+    assert abs(measured - stats["seconds"]) <= 0.02 * stats["seconds"], stats
+
+
+def test_profile_trace_holds_cuda_kernels_and_the_data_range(small_data, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fastcifar.train", "--data-dir", str(small_data), "--device", "cuda", "--epochs", "1",
+         "--batch-size", "32", "--profile", "--profile-epoch", "1", "--profile-steps", "1,1,3",
+         "--profile-dir", str(tmp_path / "profiles"), "--out", str(tmp_path), "--run-name", "cudaprof"],
+        capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (trace,) = (tmp_path / "profiles" / "cudaprof").glob("*.pt.trace.json")
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("cat") == "kernel" for e in events)
+    assert any(e.get("name") == DATA_RANGE for e in events)
