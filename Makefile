@@ -15,7 +15,7 @@ DATA       ?= $(DATA_DIR)
 OUT        ?= results/gpu-check
 SMOKE      ?=
 
-.PHONY: setup system-deps python-deps betons run test lint bench gpu-check clean
+.PHONY: setup system-deps python-deps dali betons run test lint bench gpu-check clean
 
 setup: system-deps python-deps
 
@@ -37,6 +37,10 @@ python-deps:
 	@$(PYTHON) -c "from importlib.metadata import version as v; \
 	  [v(p) for p in ('fastcifar', 'tensorboard', 'torch-tb-profiler', 'pytest', 'ruff')]" 2>/dev/null || \
 	  $(PIP) install -q -e ".[test]"
+
+# Optional: NVIDIA DALI for --loader dali (CI installs it so the DALI tests run on its CPU-only pipeline).
+dali: setup
+	@$(PYTHON) -c "import nvidia.dali" 2>/dev/null || $(PIP) install -q -e ".[dali]"
 
 betons: setup
 	$(PYTHON) tools/make_beton.py --data-dir $(DATA_DIR) $(if $(SOURCE),--source $(SOURCE))

@@ -1,186 +1,55 @@
-"""FFCV loaders for the three betons: raw uint8 pixels are decoded on the CPU, copied to the device,
-and augmented there in one batched op (see `augment.py`).
+"""The data pipelines behind one function: `make_loaders(..., loader=NAME)`.
 
-What runs where:
-  CPU (FFCV worker threads, compiled by numba): read raw pixels from the memory-mapped beton, batch.
-  copy: `ToDevice(non_blocking=True)` moves the uint8 batch (4x smaller than float32).
-  device: NHWC -> NCHW view (already channels_last in memory), /255, normalise, pad, crop, flip.
+Every pipeline returns {'train', 'val', 'test'} loaders with the same contract: an iterable with
+len() yielding (images, labels, indices) — float32 channels_last images, int64 labels and int64
+source indices (the beton's `index` field), all on the device; `images` (the split's image count)
+and `augment` (the device op, when the pipeline has one) as attributes. Train order is reshuffled
+every epoch from the seed, val/test come in order, every image exactly once per epoch (the last
+partial batch included), and only train is augmented — with the spec's normalise, pad 4 (with 0
+after normalisation), random 32x32 crop and horizontal flip. One module per pipeline:
+
+  ffcv       loaders/ffcv_loader.py       FFCV, batched device op in its pipeline (the default)
+  torch      loaders/torch_loader.py      torch DataLoader, per-image CPU transforms (the conventional way)
+  memory     loaders/memory_loader.py     the whole split on the device, the same device op (the upper bound)
+  dali       loaders/dali_loader.py       NVIDIA DALI, its fused operators (optional extra)
+  synthetic  loaders/synthetic_loader.py  one fixed batch on the device: the compute-only floor
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
+import json
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch import nn
 
-from .augment import Normalize, RandomCropFlip
-from .betons import SPLITS, manifest_problem
+from .betons import MANIFEST, SPLITS, manifest_problem, read_split
+from .loaders.ffcv_loader import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, LoaderThreadDied, make_loader
 from .utils import UserError
 
-DEFAULT_BATCH_SIZE = 128
-DEFAULT_WORKERS = 2
+__all__ = ["LOADERS", "LoaderThreadDied", "check_betons", "make_loader", "make_loaders", "read_beton"]
+
+LOADERS = ("ffcv", "torch", "memory", "dali", "synthetic")
 
 
-class FlatInt64(nn.Module):
-    """(N, 1) integer column -> a fresh (N,) int64 tensor, which cross-entropy wants.
-
-    Not FFCV's `Squeeze`: that squeezes a last batch of one image to a 0-d tensor. And a copy,
-    because FFCV reuses its output buffers a few batches later: a kept label tensor would change.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1).to(torch.int64, copy=True)
-
-
-class LoaderThreadDied(RuntimeError):
-    """FFCV's EpochIterator thread ended without finishing the epoch (its traceback is printed above)."""
-
-
-_thread_errors: dict[int, BaseException] = {}
-_previous_excepthook = threading.excepthook
-
-
-def _note_thread_error(args) -> None:
-    """Keep what killed a loader thread, so the consumer can name it (and chain it) when it fails."""
-    if args.thread is not None and args.exc_value is not None:
-        _thread_errors[id(args.thread)] = args.exc_value
-    _previous_excepthook(args)
-
-
-threading.excepthook = _note_thread_error
-
-
-def _wait_for_batch(epoch_iterator, poll_s: float = 1.0) -> None:
-    """Block until FFCV's thread has queued a batch (or the end marker), or fail if it died.
-
-    FFCV's own __next__ waits on its queue forever, so an exception inside its thread (ours in the
-    device op, or its own) would hang the run. Waiting on the queue's condition wakes at once when a
-    batch arrives; the poll only looks whether the thread is still alive.
-    """
-    queue = epoch_iterator.output_queue
-    with queue.not_empty:
-        while not queue._qsize():
-            if not epoch_iterator.is_alive():
-                error = _thread_errors.pop(id(epoch_iterator), None)
-                cause = f": {type(error).__name__}: {error}" if error else " (see its traceback above)"
-                raise LoaderThreadDied(f"FFCV's loader thread died mid-epoch{cause}") from error
-            queue.not_empty.wait(poll_s)  # Queue.get's own wait; _qsize because the lock is held
-
-
-class DeviceBatches:
-    """What `make_loader` returns: an iterable with len() over (images, labels, indices) on the device.
-
-    Wraps FFCV's Loader against two hazards of its threads:
-    - Streams: FFCV makes the batch on a side CUDA stream and makes the consumer's stream wait for it
-      (`wait_stream`), but never calls `record_stream`. The caching allocator would then hand a
-      freed batch's memory back to the side stream for the next batch while the consumer's kernels
-      may still read it. Every tensor of a batch is recorded on the consumer's current stream here,
-      so a batch may be kept past the next iteration safely.
-    - A dead thread: see `_wait_for_batch`.
-    `augment` is the device op (compiled ahead by precompile.py); `images` the split's image count.
-    """
-
-    def __init__(self, loader, images: int, augment: nn.Module | None = None):
-        self.loader, self.images, self.augment = loader, images, augment
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        epoch = iter(self.loader)
-        try:
-            while True:
-                _wait_for_batch(epoch)
-                batch = next(epoch, None)
-                if batch is None:
-                    return
-                for tensor in batch:
-                    if tensor.is_cuda:
-                        tensor.record_stream(torch.cuda.current_stream(tensor.device))
-                yield batch
-        finally:
-            epoch.close()  # stops FFCV's prefetch when the consumer leaves early
-
-
-def check_betons(data_dir: Path) -> None:
-    """Fail with one line naming the missing/stale file and the command that rebuilds it.
-    Compares sizes with the manifest, not hashes: start-up stays instant (make_beton hashes)."""
-    problem = manifest_problem(Path(data_dir), check_hashes=False)
+def check_betons(data_dir: Path) -> dict[str, int]:
+    """Fail with one line naming the missing, stale or damaged file and the command that rebuilds it;
+    return each split's image count. Hashes every beton against the manifest (under a second for the
+    full set): a same-size beton of another split seed would otherwise leak validation images into
+    training, silently."""
+    problem = manifest_problem(Path(data_dir), check_hashes=True)
     if problem:
         raise UserError(
             f"{problem}; build the betons with: python tools/make_beton.py --data-dir {data_dir} "
-            "[--source PATH/cifar-10-python.tar.gz]"
+            "[--source PATH/cifar-10-python.tar.gz] --force"
         )
+    manifest = json.loads((Path(data_dir) / MANIFEST).read_text())
+    return {split: int(manifest["splits"][split]["images"]) for split in SPLITS}
 
 
-def make_loader(
-    path: Path,
-    device: torch.device,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    workers: int = DEFAULT_WORKERS,
-    train: bool = False,
-    seed: int = 0,
-    augment: nn.Module | None = None,
-    compile_augment: bool = False,
-) -> DeviceBatches:
-    """One FFCV Loader over a beton, yielding (images, labels, indices), all on `device`.
-
-    train=True: random order reshuffled every epoch from `seed`, and `augment` (default
-    RandomCropFlip seeded from `seed`, torch.compiled when compile_augment) as the image pipeline's
-    last stage. Otherwise: sequential order, only normalisation. Never drops the last partial batch.
-    """
-    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
-
-    device = torch.device(device)
-    if augment is None:
-        augment = RandomCropFlip(seed, device, compile=compile_augment) if train else Normalize(device)
-    image = [
-        SimpleRGBImageDecoder(),
-        ToTensor(),
-        ToDevice(device, non_blocking=True),
-        ToTorchImage(channels_last=True, convert_back_int16=False),
-        augment,
-    ]
-
-    def column() -> list:
-        return [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True), FlatInt64()]
-
-    loader = Loader(
-        str(path),
-        batch_size=batch_size,
-        num_workers=workers,
-        order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
-        seed=seed,
-        drop_last=False,
-        os_cache=True,
-        pipelines={"image": image, "label": column(), "index": column()},
-    )
-    return DeviceBatches(loader, len(loader.indices), augment)
-
-
-def read_beton(path: Path, fields: tuple[str, ...] = ("image", "label", "index")) -> dict:
+def read_beton(path: Path, fields: tuple[str, ...] = ("image", "label", "index")) -> dict[str, np.ndarray]:
     """Every record of a beton as numpy arrays, in file order (image: N x 32 x 32 x 3 uint8)."""
-    import numpy as np
-    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-
-    decoders = {"image": SimpleRGBImageDecoder, "label": IntDecoder, "index": IntDecoder}
-    loader = Loader(str(path), batch_size=1000, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    pipelines={f: [decoders[f]()] if f in fields else None for f in decoders})
-    parts: dict[str, list] = {f: [] for f in fields}
-    for batch in loader:
-        for f, value in zip(fields, batch, strict=True):
-            parts[f].append(np.array(value, copy=True))  # FFCV reuses its output buffers
-    out = {f: np.concatenate(v) for f, v in parts.items()}
-    for f in ("label", "index"):
-        if f in out:
-            out[f] = out[f].reshape(-1)
-    return out
+    return {f: v for f, v in read_split(path).items() if f in fields}
 
 
 def make_loaders(
@@ -190,11 +59,25 @@ def make_loaders(
     workers: int = DEFAULT_WORKERS,
     seed: int = 0,
     compile_augment: bool = False,
-) -> dict[str, DeviceBatches]:
-    """{'train', 'val', 'test'} loaders over `data_dir`, after checking the betons are complete."""
-    check_betons(data_dir)
-    return {
-        split: make_loader(Path(data_dir) / f"{split}.beton", device, batch_size, workers,
-                           train=split == "train", seed=seed, compile_augment=compile_augment)
-        for split in SPLITS
-    }
+    loader: str = "ffcv",
+) -> dict:
+    """{'train', 'val', 'test'} loaders of pipeline `loader` over `data_dir`, after checking the betons.
+    A batch larger than the training split is refused (a pipeline would allocate buffers for it)."""
+    if loader not in LOADERS:
+        raise UserError(f"unknown loader {loader!r}: choose one of {', '.join(LOADERS)}")
+    counts = check_betons(data_dir)
+    if batch_size > counts["train"]:
+        raise UserError(f"--batch-size {batch_size} is larger than the training split ({counts['train']:,} images)")
+    device = torch.device(device)
+    args = (Path(data_dir), device, batch_size, workers, seed, compile_augment, SPLITS)
+    if loader == "ffcv":
+        from .loaders import ffcv_loader as module
+    elif loader == "torch":
+        from .loaders import torch_loader as module
+    elif loader == "memory":
+        from .loaders import memory_loader as module
+    elif loader == "dali":
+        from .loaders import dali_loader as module
+    else:
+        from .loaders import synthetic_loader as module
+    return module.make_loaders(*args)

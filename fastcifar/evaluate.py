@@ -12,7 +12,7 @@ import torch
 from .data import check_betons, make_loader
 from .model import resnetv2_20
 from .train import evaluate
-from .utils import ArgumentParser, UserError, resolve_device, run_cli
+from .utils import ArgumentParser, UserError, first_line, resolve_device, run_cli
 
 
 def load_model(weights: Path, device: torch.device) -> torch.nn.Module:
@@ -23,7 +23,7 @@ def load_model(weights: Path, device: torch.device) -> torch.nn.Module:
         model = resnetv2_20()
         model.load_state_dict(state)
     except Exception as err:  # a wrong or damaged file, whatever the exact failure
-        raise UserError(f"{weights} is not a ResNetV2-20 state dict ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{weights} is not a ResNetV2-20 state dict ({first_line(err)})") from None
     return model.to(device=device, memory_format=torch.channels_last)
 
 

@@ -6,11 +6,19 @@ from __future__ import annotations
 from .profiling import data_fraction
 
 
-def epoch_line(stats: dict, epochs: int) -> str:
-    return (f"epoch {stats['epoch']:>2}/{epochs}  train loss {stats['train_loss']:.4f}  "
+def epoch_line(stats: dict, epochs: int, loader: str) -> str:
+    return (f"[{loader}] epoch {stats['epoch']:>2}/{epochs}  train loss {stats['train_loss']:.4f}  "
             f"train acc {100 * stats['train_acc']:.2f}%  val loss {stats['val_loss']:.4f}  "
             f"val acc {100 * stats['val_acc']:.2f}%  {stats['seconds']:.1f} s  "
             f"{stats['images_per_s']:.0f} img/s  data {100 * stats['data_fraction']:.1f}%")
+
+
+def warm_up_line(sizes: dict, seconds: float, device_op: dict | None) -> str:
+    line = f"compiled for batch sizes {sizes} in {seconds:.1f} s"
+    if device_op:
+        line += (f"; device op: {device_op['op']} ({device_op['compiled_ms']:.2f} ms compiled, "
+                 f"{device_op['eager_ms']:.2f} ms eager per batch of {device_op['batch']})")
+    return line
 
 
 def collect(run_name: str, total_training_time_s: float, epochs: list[dict], test: dict, config: dict,
@@ -46,6 +54,7 @@ def collect(run_name: str, total_training_time_s: float, epochs: list[dict], tes
 
 def summary_table(results: dict) -> str:
     rows = [
+        ("data pipeline (--loader)", results["config"]["loader"]),
         ("total training time", f"{results['total_training_time_s']:.1f} s"),
         ("mean epoch time", f"{results['epoch_time_s']:.1f} s"),
         ("mean epoch time, excl. epoch 1", f"{results['epoch_time_excl_first_s']:.1f} s"),

@@ -22,7 +22,7 @@ from torch.autograd.profiler import record_function
 from tqdm import tqdm
 
 from . import __version__
-from .data import make_loaders
+from .data import LOADERS, make_loaders
 from .env import environment, seconds_since_process_start, set_float32_precision
 from .model import count_parameters, resnetv2_20
 from .precompile import frozen, mark_step, warm_up_run
@@ -37,15 +37,17 @@ from .profiling import (
     data_fraction,
     parse_profile_steps,
 )
-from .results import collect, epoch_line, summary_table
+from .results import collect, epoch_line, summary_table, warm_up_line
 from .utils import (
     ArgumentParser,
     UserError,
     atomic_path,
     device_name,
+    plain_name,
     resolve_device,
     run_cli,
     synchronize,
+    writable_folder,
     write_json_atomic,
 )
 
@@ -58,7 +60,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, constant")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW (decoupled) weight decay")
     p.add_argument("--seed", type=int, default=0, help="model init, batch order and augmentation")
-    p.add_argument("--workers", type=int, default=2, help="FFCV loader threads")
+    p.add_argument("--loader", default="ffcv", choices=LOADERS,
+                   help="data pipeline (synthetic: one fixed batch, the compute-only floor; trains nothing)")
+    p.add_argument("--workers", type=int, default=2, help="loader threads or processes")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (train and eval) and the on-device augmentation")
@@ -207,26 +211,28 @@ def evaluate(model: nn.Module, loader, device: torch.device, max_steps: int | No
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    run_name = args.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{device.type}"
+    run_name = plain_name(args.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{device.type}", "--run-name")
     profile_dir = args.profile_dir / run_name
-    for folder in [args.out, *([profile_dir] if args.profile else [])]:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"cannot create folder {folder}: {err.strerror or err}") from None
+    for folder, what in [(args.out, "--out"), *([(profile_dir, "--profile-dir")] if args.profile else [])]:
+        writable_folder(folder, what)
 
     compile_mode = args.compile_mode if args.compile else None
     precision = set_float32_precision(device, args.tf32)
-    env = environment(device, compile=args.compile, compile_mode=compile_mode, precision=precision, seed=args.seed)
+    env = environment(device, loader=args.loader, compile=args.compile, compile_mode=compile_mode,
+                      precision=precision, seed=args.seed)
     torch.manual_seed(args.seed)
     loaders = make_loaders(args.data_dir, device, args.batch_size, args.workers, args.seed,
-                           compile_augment=args.compile)
+                           compile_augment=args.compile, loader=args.loader)
+    if args.loader == "synthetic":
+        print("note: --loader synthetic feeds one fixed random batch: it measures the compute-only floor "
+              "and trains nothing meaningful (its accuracies are chance)", flush=True)
     model = resnetv2_20().to(device=device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
                                   weight_decay=args.weight_decay)
     net = torch.compile(model, mode=args.compile_mode) if args.compile else model
     print(f"fastcifar {__version__}: ResNetV2-20 ({count_parameters(model):,} parameters) on "
-          f"{device_name(device)}, {'torch.compile ' + args.compile_mode if args.compile else 'eager'}, "
+          f"{device_name(device)}, loader {args.loader}, "
+          f"{'torch.compile ' + args.compile_mode if args.compile else 'eager'}, "
           f"{'TF32' if args.tf32 else 'float32'}, train {len(loaders['train'])} batches of {args.batch_size}",
           flush=True)
     # Every compilation now, on this thread, before FFCV's threads start (see precompile.py).
@@ -235,8 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = warm_up_run(net, model, loaders, device, args.batch_size, args.max_steps_per_epoch, compile_mode)
     synchronize(device)
     warm_up_s = time.perf_counter() - t0
+    device_op = getattr(loaders["train"].augment, "choice", None)
     if args.compile:
-        print(f"compiled for batch sizes {sizes} in {warm_up_s:.1f} s", flush=True)
+        print(warm_up_line(sizes, warm_up_s, device_op), flush=True)
 
     timer = StepTimer(device)
     profile_epoch = min(args.profile_epoch, args.epochs)
@@ -259,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             epochs.append(stats)
             if scalars is not None:
                 scalars.epoch(epoch, stats)
-            print(epoch_line(stats, args.epochs), flush=True)
+            print(epoch_line(stats, args.epochs, args.loader), flush=True)
         total_training_time = seconds_since_process_start()
         if scalars is not None:
             scalars.close()
@@ -271,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.profile else None
     results = collect(run_name, total_training_time, epochs, test, config, env, profile)
     results["warm_up_s"] = warm_up_s
+    results["device_op"] = device_op
     weights = args.out / f"{run_name}.pt"
     with atomic_path(weights) as tmp:
         torch.save(model.state_dict(), tmp)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -30,12 +31,30 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's first line, or its type's name when it has no message."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int], prog: str) -> None:
-    """Run `main` and turn user errors into one stderr line and a non-zero exit code."""
+    """Run `main`; every failure a user can cause becomes one stderr line and exit code 2.
+
+    The one place for it: UserError (what we validate), OSError (files, folders, disks, devices:
+    what the machine or the user's paths did) and MemoryError. Anything else is a bug of ours and
+    keeps its traceback.
+    """
     try:
         code = main(None)
     except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
+        code = 2
+    except OSError as err:
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        print(f"{prog}: error: {err.strerror or first_line(err)}{where}", file=sys.stderr)
+        code = 2
+    except MemoryError:
+        print(f"{prog}: error: out of memory", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -80,6 +99,25 @@ def atomic_path(final: Path) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def writable_folder(folder: Path, what: str) -> Path:
+    """Create `folder` and prove a file can be written there now, before hours of training, not after."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to {what} {folder}: {err.strerror or err}") from None
+    return folder
+
+
+def plain_name(name: str, what: str) -> str:
+    """A name that becomes a file name: letters, digits, '.', '_' and '-', not '.' or '..'."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", name) or name in (".", ".."):
+        raise UserError(f"{what} must be a plain file name (letters, digits, '.', '_', '-'), got {name!r}")
+    return name
 
 
 def write_json_atomic(path: Path, obj: object) -> None:

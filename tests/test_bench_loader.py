@@ -1,5 +1,4 @@
-"""tools/bench_loader.py: runs on betons, writes the three pipelines' images/s, and its conventional
-per-image transforms compute the same thing as the spec."""
+"""tools/bench_loader.py: the isolated and the end-to-end tables, from `make_loaders` alone."""
 
 from __future__ import annotations
 
@@ -9,42 +8,34 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-from test_data import reference
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-from bench_loader import PlainTorchTransforms  # noqa: E402
 
 
-def test_plain_conventional_transforms_match_the_spec():
-    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    transform = PlainTorchTransforms()
-    for seed in range(20):
-        torch.manual_seed(seed)
-        out = transform(image)
-        torch.manual_seed(seed)  # replay the same draws: flip, then (top, left)
-        flip = torch.rand(1).item() < 0.5
-        top, left = torch.randint(0, 9, (2,)).tolist()
-        # it flips the padded image before cropping (torchvision's order): a crop at `left` of the
-        # flipped image is the mirror of a crop at 8 - left
-        offsets = torch.tensor([top, 8 - left if flip else left])
-        expected = reference(torch.from_numpy(image).permute(2, 0, 1)[None], offsets[None], torch.tensor([flip]))
-        assert torch.equal(out, expected[0])
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "bench_loader.py"), *args], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def test_bench_runs_and_writes_json(small_data, tmp_path):
+def test_isolated_and_end_to_end(small_data, tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench_loader.py"), "--data-dir", str(small_data), "--device", "cpu",
-         "--epochs", "1", "--batch-size", "64", "--no-compile", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = bench("--data-dir", str(small_data), "--device", "cpu", "--epochs", "1", "--batch-size", "64",
+                   "--no-compile", "--loaders", "ffcv,torch,memory", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
-    for name in ("ffcv", "conventional", "in_memory"):
+    for name in ("ffcv", "torch", "memory"):
         assert data[name]["images_per_s"] > 0 and data[name]["images_per_epoch"] == 450
         assert name in result.stdout
-    assert data["conventional"]["ratio_to_conventional"] == 1.0
-    assert "vs conventional" in result.stdout
+    assert data["torch"]["ratio_to_torch"] == 1.0 and data["mode"] == "isolated" and "vs torch" in result.stdout
+
+    out = tmp_path / "e2e.json"
+    result = bench("--data-dir", str(small_data), "--device", "cpu", "--end-to-end", "--max-steps", "2",
+                   "--no-compile", "--loaders", "memory", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert set(data) >= {"memory", "synthetic"} and data["mode"] == "end_to_end"  # the floor is always measured
+    assert data["synthetic"]["overhead_vs_synthetic"] == 0.0 and data["memory"]["ratio_to_memory"] == 1.0
+    assert data["memory"]["train_images"] == 256  # 2 steps of 128
+    assert data["memory"]["overhead_vs_synthetic"] == pytest.approx(
+        data["memory"]["seconds"] / data["synthetic"]["seconds"] - 1)

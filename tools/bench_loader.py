@@ -1,13 +1,13 @@
-"""Loader benchmark: images/s of ready-to-train batches on the device, after a warm-up epoch.
+"""Loader benchmark, two ways, every pipeline from `fastcifar.data.make_loaders` (nothing implemented twice):
 
-  ffcv          fastcifar's FFCV pipeline (raw pixels -> device -> batched crop/flip/normalise)
-  conventional  torch DataLoader over the same decoded uint8 images with per-image transforms
-                ToTensor -> Normalize -> Pad(4) -> RandomHorizontalFlip -> RandomCrop(32), then .to(device)
-                (torchvision's transforms when installed, else the same steps in plain torch)
-  in_memory     upper bound: the whole split as one uint8 tensor on the device, batches by index,
-                then the same batched device op as ffcv
+  isolated     images/s of ready-to-train batches of the train split on the device, after a warm-up
+               epoch: what each pipeline can deliver with nothing else running
+  --end-to-end one warm-up and one timed training epoch of the spec model per pipeline (the trainer's
+               own loop, `--compile` as given): epoch seconds, images/s, data and compute time, data
+               fraction, overhead over `synthetic` (epoch / synthetic's - 1) and ratio to `memory`
 
-Usage: python tools/bench_loader.py --data-dir data [--device auto] [--workers 2] [--batch-size 128]
+Pipelines: ffcv, torch, memory, dali (when installed), and synthetic (the compute-only floor, end
+to end only). Usage: python tools/bench_loader.py --data-dir data [--end-to-end] [--loaders ffcv,torch]
 """
 
 from __future__ import annotations
@@ -23,9 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from fastcifar.augment import IMAGENET_MEAN, IMAGENET_STD, RandomCropFlip  # noqa: E402
-from fastcifar.data import check_betons, make_loader, read_beton  # noqa: E402
-from fastcifar.precompile import batch_sizes, frozen  # noqa: E402
+from fastcifar.data import LOADERS, make_loaders  # noqa: E402
+from fastcifar.env import environment, set_float32_precision  # noqa: E402
+from fastcifar.model import resnetv2_20  # noqa: E402
+from fastcifar.precompile import frozen, warm_up_run  # noqa: E402
+from fastcifar.profiling import StepTimer  # noqa: E402
+from fastcifar.train import train_epoch  # noqa: E402
 from fastcifar.utils import (  # noqa: E402
     ArgumentParser,
     UserError,
@@ -37,155 +40,120 @@ from fastcifar.utils import (  # noqa: E402
 )
 
 
-class PlainTorchTransforms:
-    """torchvision's ToTensor -> Normalize -> Pad(4) -> RandomHorizontalFlip -> RandomCrop(32), per image."""
-
-    def __init__(self):
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-
-    def __call__(self, image_hwc):
-        x = torch.from_numpy(image_hwc).permute(2, 0, 1).float().div(255)
-        x = (x - self.mean) / self.std
-        x = torch.nn.functional.pad(x, (4, 4, 4, 4))
-        if torch.rand(1).item() < 0.5:
-            x = x.flip(-1)
-        top, left = torch.randint(0, 9, (2,)).tolist()
-        return x[:, top:top + 32, left:left + 32]
-
-
-def conventional_transforms():
+def dali_installed() -> bool:
     try:
-        from torchvision import transforms as T
-    except Exception:  # not installed, or a build that fails to import beside this torch
-        return PlainTorchTransforms(), "plain torch"
-    return T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD), T.Pad(4),
-                      T.RandomHorizontalFlip(), T.RandomCrop(32)]), "torchvision"
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        return self.transform(self.images[i]), int(self.labels[i])
-
-
-def conventional_batches(images, labels, device, batch_size, workers):
-    transform, _ = conventional_transforms()
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(images, labels, transform), batch_size=batch_size, shuffle=True, num_workers=workers,
-        pin_memory=device.type == "cuda", drop_last=False, persistent_workers=workers > 0)
-
-    def epoch():
-        for x, y in loader:
-            yield (x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
-                   y.to(device, non_blocking=True))
-
-    return epoch, len(loader)
-
-
-def in_memory_batches(images, labels, device, batch_size, seed, compile_augment):
-    all_images = torch.from_numpy(images).to(device).permute(0, 3, 1, 2)  # uint8, channels_last view
-    all_labels = torch.from_numpy(labels).to(device)
-    augment = RandomCropFlip(seed, device, compile=compile_augment)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    n = len(all_images)
-    if compile_augment:
-        augment.warm_up(batch_sizes(n, batch_size))
-
-    def epoch():
-        order = torch.randperm(n, device=device, generator=generator)
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            yield augment(all_images[idx]), all_labels[idx]
-
-    return epoch, (n + batch_size - 1) // batch_size
-
-
-def ffcv_batches(path, device, batch_size, workers, seed, compile_augment):
-    loader = make_loader(path, device, batch_size, workers, train=True, seed=seed, compile_augment=compile_augment)
-    if compile_augment:  # compile on this thread, never in FFCV's (see fastcifar/precompile.py)
-        loader.augment.warm_up(batch_sizes(loader.images, batch_size))
-
-    def epoch():
-        for images, labels, _ in loader:
-            yield images, labels
-
-    return epoch, len(loader)
-
-
-def measure(name: str, epoch, n_batches: int, epochs: int, device) -> dict:
-    """One warm-up epoch, then `epochs` timed epochs; the clock stops after the device is done."""
+def isolated(loader, device: torch.device, epochs: int, name: str) -> dict:
+    """One warm-up epoch, then `epochs` timed epochs of the train loader; the clock stops after the
+    device is done."""
     seconds, total = [], 0
     for e in range(epochs + 1):
-        warm = e == 0
         synchronize(device)
         t0 = time.perf_counter()
         seen = 0
-        desc = f"{name} {'warm-up' if warm else f'epoch {e}'}"
-        for batch, _labels in tqdm(epoch(), total=n_batches, leave=False, desc=desc):
-            seen += batch.shape[0]
+        for images, _, _ in tqdm(loader, total=len(loader), leave=False, desc=f"{name} {'warm-up' if e == 0 else e}"):
+            seen += images.shape[0]
         synchronize(device)
-        if not warm:
+        if e:
             seconds.append(time.perf_counter() - t0)
             total += seen
     return {"images_per_s": total / sum(seconds), "seconds_per_epoch": sum(seconds) / len(seconds),
             "epoch_seconds": seconds, "images_per_epoch": total // epochs}
 
 
+def end_to_end(loaders: dict, device: torch.device, args: argparse.Namespace, name: str) -> dict:
+    """The trainer's loop: compile and warm up as `train --compile` does, one untimed epoch (FFCV's
+    JIT, caches), then one timed training epoch."""
+    torch.manual_seed(args.seed)
+    model = resnetv2_20().to(device=device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4)
+    net = torch.compile(model) if args.compile else model
+    warm_up_run(net, model, {"train": loaders["train"]}, device, args.batch_size, args.max_steps, None)
+    timer = StepTimer(device)
+    with frozen():
+        train_epoch(net, loaders["train"], optimizer, device, timer, args.max_steps, desc=f"{name} warm-up")
+        stats = train_epoch(net, loaders["train"], optimizer, device, timer, args.max_steps, desc=name)
+    return {k: stats[k] for k in ("seconds", "images_per_s", "train_images", "data_time_s", "compute_time_s",
+                                  "data_fraction")}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="bench_loader", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="betons from tools/make_beton.py")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--workers", type=int, default=2, help="FFCV threads and DataLoader worker processes")
+    p.add_argument("--loaders", default=None,
+                   help="comma-separated pipelines (default: all installed; synthetic only with --end-to-end)")
+    p.add_argument("--workers", type=int, default=2, help="loader threads or processes")
     p.add_argument("--batch-size", type=int, default=128, help="images per batch")
-    p.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up epoch")
+    p.add_argument("--epochs", type=int, default=2, help="isolated: timed epochs after one warm-up epoch")
+    p.add_argument("--end-to-end", action="store_true", help="time a training epoch of the spec model per pipeline")
+    p.add_argument("--max-steps", type=int, default=None, help="end to end: cap each epoch (smoke runs)")
     p.add_argument("--seed", type=int, default=0, help="order and augmentation seed")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="torch.compile the batched device op, as `train --compile` does")
-    p.add_argument("--out", type=Path, default=Path("results/bench_loader.json"), help="JSON results")
+                   help="torch.compile the device op (and, end to end, the model), as `train --compile` does")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON results (default results/bench_loader.json, or bench_end_to_end.json)")
     args = p.parse_args(argv)
-    if args.workers < 1 or args.batch_size < 1 or args.epochs < 1:
-        raise UserError("--workers, --batch-size and --epochs must be at least 1")
+    if args.workers < 1 or args.batch_size < 1 or args.epochs < 1 or (args.max_steps or 1) < 1:
+        raise UserError("--workers, --batch-size, --epochs and --max-steps must be at least 1")
     device = resolve_device(args.device)
-    check_betons(args.data_dir)
-    path = args.data_dir / "train.beton"
-    data = read_beton(path, ("image", "label"))
-    images, labels = data["image"], data["label"]
-    _, conventional_kind = conventional_transforms()
+    set_float32_precision(device, tf32=False)
+    available = [n for n in LOADERS if n != "dali" or dali_installed()]
+    names = args.loaders.split(",") if args.loaders else [n for n in available if args.end_to_end or n != "synthetic"]
+    for name in names:
+        if name not in LOADERS:
+            raise UserError(f"unknown loader {name!r}: choose from {', '.join(LOADERS)}")
+    if args.end_to_end and "synthetic" not in names:
+        names.append("synthetic")
+    out = args.out or Path("results") / ("bench_end_to_end.json" if args.end_to_end else "bench_loader.json")
 
-    pipelines = {
-        "ffcv": ffcv_batches(path, device, args.batch_size, args.workers, args.seed, args.compile),
-        "conventional": conventional_batches(images, labels, device, args.batch_size, args.workers),
-        "in_memory": in_memory_batches(images, labels, device, args.batch_size, args.seed, args.compile),
-    }
-    with frozen():
-        results = {name: measure(name, epoch, n, args.epochs, device) for name, (epoch, n) in pipelines.items()}
-    base = results["conventional"]["images_per_s"]
+    results: dict = {}
+    for name in names:
+        loaders = make_loaders(args.data_dir, device, args.batch_size, args.workers, args.seed,
+                               compile_augment=args.compile, loader=name)
+        if args.end_to_end:
+            results[name] = end_to_end(loaders, device, args, name)
+        else:
+            train = loaders["train"]
+            if getattr(train.augment, "compiled", False):  # compiled on this thread, never in a loader's
+                warm_up_run(None, None, {"train": train}, device, args.batch_size, None, None)
+            with frozen():
+                results[name] = isolated(train, device, args.epochs, name)
+        del loaders
+    base = "torch" if "torch" in results else None
     for r in results.values():
-        r["ratio_to_conventional"] = r["images_per_s"] / base
-
-    results["config"] = {"device": str(device), "device_name": device_name(device), "workers": args.workers,
-                         "batch_size": args.batch_size, "timed_epochs": args.epochs,
-                         "images": len(images), "conventional_transforms": conventional_kind,
-                         "compiled_device_op": args.compile, "torch": torch.__version__}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out, results)
-
-    print(f"loader benchmark: {len(images):,} train images, batch {args.batch_size}, {args.workers} workers, "
-          f"{results['config']['device_name']} ({device}), device op {'compiled' if args.compile else 'eager'}")
-    header = f"{'pipeline':<14}{'images/s':>12}{'vs conventional':>17}{'s / epoch':>11}"
-    print(header + "\n" + "-" * len(header))
-    for name in ("ffcv", "conventional", "in_memory"):
-        r = results[name]
-        print(f"{name:<14}{r['images_per_s']:>12,.0f}{r['ratio_to_conventional']:>16.2f}x"
-              f"{r['seconds_per_epoch']:>11.2f}")
-    print(f"written to {args.out}")
+        if args.end_to_end:
+            r["overhead_vs_synthetic"] = r["seconds"] / results["synthetic"]["seconds"] - 1
+            if "memory" in results:
+                r["ratio_to_memory"] = r["seconds"] / results["memory"]["seconds"]
+        elif base:
+            r["ratio_to_torch"] = r["images_per_s"] / results[base]["images_per_s"]
+    env = environment(device, module="tools/bench_loader.py", compile=args.compile, workers=args.workers,
+                      batch_size=args.batch_size)
+    write_json_atomic(out, {**results, "env": env, "mode": "end_to_end" if args.end_to_end else "isolated"})
+    print(f"loader benchmark ({'end to end, one training epoch' if args.end_to_end else 'isolated'}): batch "
+          f"{args.batch_size}, {args.workers} workers, {device_name(device)} ({device}), "
+          f"{'compiled' if args.compile else 'eager'}")
+    if args.end_to_end:
+        header = f"{'pipeline':<10}{'epoch s':>9}{'images/s':>10}{'data s':>8}{'compute s':>10}{'data frac':>10}" \
+                 f"{'vs synthetic':>13}{'vs memory':>10}"
+        rows = [f"{n:<10}{r['seconds']:>9.2f}{r['images_per_s']:>10,.0f}{r['data_time_s']:>8.2f}"
+                f"{r['compute_time_s']:>10.2f}{r['data_fraction']:>10.3f}{100 * r['overhead_vs_synthetic']:>+12.1f}%"
+                + (f"{r['ratio_to_memory']:>9.3f}x" if "ratio_to_memory" in r else "") for n, r in results.items()]
+    else:
+        header = f"{'pipeline':<10}{'images/s':>12}{'vs torch':>10}{'s / epoch':>11}"
+        rows = [f"{n:<10}{r['images_per_s']:>12,.0f}" + (f"{r['ratio_to_torch']:>9.2f}x" if "ratio_to_torch" in r
+                                                         else f"{'':>10}") + f"{r['seconds_per_epoch']:>11.2f}"
+                for n, r in results.items()]
+    print("\n".join([header, "-" * len(header), *rows]))
+    if "dali" not in available:
+        print('dali: not installed (pip install -e ".[dali]")')
+    print(f"written to {out}")
     return 0
 
 

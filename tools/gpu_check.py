@@ -176,10 +176,19 @@ def write_summary(out: Path, stages: dict, smoke: bool, device: str) -> Path:
     ]
     bench = _load(out / "bench_loader.json")
     if bench:
-        lines += ["## Loader throughput (tools/bench_loader.py)", "", "| pipeline | images/s | vs conventional |",
+        lines += ["## Loader throughput, isolated (tools/bench_loader.py)", "", "| pipeline | images/s | vs torch |",
                   "|---|---:|---:|"]
-        lines += [f"| {k} | {v['images_per_s']:,.0f} | {v['ratio_to_conventional']:.2f}x |"
-                  for k, v in bench.items() if k != "config"]
+        lines += [f"| {k} | {v['images_per_s']:,.0f} | {v.get('ratio_to_torch', float('nan')):.2f}x |"
+                  for k, v in bench.items() if isinstance(v, dict) and "images_per_s" in v]
+        lines.append("")
+    e2e = _load(out / "bench_end_to_end.json")
+    if e2e:
+        lines += ["## Loaders end to end: one training epoch of the spec model (tools/bench_loader.py --end-to-end)",
+                  "", "| pipeline | epoch s | images/s | data fraction | vs synthetic | vs memory |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {k} | {v['seconds']:.2f} | {v['images_per_s']:,.0f} | {v['data_fraction']:.3f} | "
+                  f"{100 * v['overhead_vs_synthetic']:+.1f} % | {v.get('ratio_to_memory', float('nan')):.3f}x |"
+                  for k, v in e2e.items() if isinstance(v, dict) and "seconds" in v]
         lines.append("")
     overhead = _load(out / "timer_overhead.json")
     if overhead:
@@ -241,6 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_stage("bench-loader", [py, "tools/bench_loader.py", "--data-dir", str(data_dir), "--device", device,
                                "--out", str(out / "bench_loader.json"),
                                *(["--epochs", "1", "--no-compile"] if args.smoke else [])],
+              out, stages, args.stage_timeout)
+    run_stage("bench-end-to-end", [py, "tools/bench_loader.py", "--data-dir", str(data_dir), "--device", device,
+                                   "--end-to-end", "--out", str(out / "bench_end_to_end.json"),
+                                   *(["--max-steps", "2", "--no-compile"] if args.smoke else [])],
               out, stages, args.stage_timeout)
     for name, flags in VARIANTS.items():
         run_stage(name, [*train, *flags, "--run-name", name, *(SMOKE_TRAIN if args.smoke else [])],

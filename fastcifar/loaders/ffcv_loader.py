@@ -1,0 +1,161 @@
+"""The FFCV pipeline (the default): raw uint8 pixels are read on the CPU, copied to the device, and
+augmented there in one batched op (see `augment.py`).
+
+What runs where:
+  CPU (FFCV worker threads, compiled by numba): read raw pixels from the memory-mapped beton, batch.
+  copy: `ToDevice(non_blocking=True)` moves the uint8 batch (4x smaller than float32).
+  device: NHWC -> NCHW view (already channels_last in memory), /255, normalise, pad, crop, flip.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..augment import Normalize, RandomCropFlip
+
+DEFAULT_BATCH_SIZE = 128
+DEFAULT_WORKERS = 2
+
+
+class FlatInt64(nn.Module):
+    """(N, 1) integer column -> a fresh (N,) int64 tensor, which cross-entropy wants.
+
+    Not FFCV's `Squeeze`: that squeezes a last batch of one image to a 0-d tensor. And a copy,
+    because FFCV reuses its output buffers a few batches later: a kept label tensor would change.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1).to(torch.int64, copy=True)
+
+
+class LoaderThreadDied(RuntimeError):
+    """FFCV's EpochIterator thread ended without finishing the epoch (its traceback is printed above)."""
+
+
+_thread_errors: dict[int, BaseException] = {}
+_previous_excepthook = threading.excepthook
+
+
+def _note_thread_error(args) -> None:
+    """Keep what killed a loader thread, so the consumer can name it (and chain it) when it fails."""
+    if args.thread is not None and args.exc_value is not None:
+        _thread_errors[id(args.thread)] = args.exc_value
+    _previous_excepthook(args)
+
+
+threading.excepthook = _note_thread_error
+
+
+def _wait_for_batch(epoch_iterator, poll_s: float = 1.0) -> None:
+    """Block until FFCV's thread has queued a batch (or the end marker), or fail if it died.
+
+    FFCV's own __next__ waits on its queue forever, so an exception inside its thread (ours in the
+    device op, or its own) would hang the run. Waiting on the queue's condition wakes at once when a
+    batch arrives; the poll only looks whether the thread is still alive.
+    """
+    queue = epoch_iterator.output_queue
+    with queue.not_empty:
+        while not queue._qsize():
+            if not epoch_iterator.is_alive():
+                error = _thread_errors.pop(id(epoch_iterator), None)
+                cause = f": {type(error).__name__}: {error}" if error else " (see its traceback above)"
+                raise LoaderThreadDied(f"FFCV's loader thread died mid-epoch{cause}") from error
+            queue.not_empty.wait(poll_s)  # Queue.get's own wait; _qsize because the lock is held
+
+
+class DeviceBatches:
+    """What `make_loader` returns: an iterable with len() over (images, labels, indices) on the device.
+
+    Wraps FFCV's Loader against two hazards of its threads:
+    - Streams: FFCV makes the batch on a side CUDA stream and makes the consumer's stream wait for it
+      (`wait_stream`), but never calls `record_stream`. The caching allocator would then hand a
+      freed batch's memory back to the side stream for the next batch while the consumer's kernels
+      may still read it. Every tensor of a batch is recorded on the consumer's current stream here,
+      so a batch may be kept past the next iteration safely.
+    - A dead thread: see `_wait_for_batch`.
+    `augment` is the device op (compiled ahead by precompile.py); `images` the split's image count.
+    """
+
+    def __init__(self, loader, images: int, augment: nn.Module | None = None):
+        self.loader, self.images, self.augment = loader, images, augment
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        epoch = iter(self.loader)
+        try:
+            while True:
+                _wait_for_batch(epoch)
+                batch = next(epoch, None)
+                if batch is None:
+                    return
+                for tensor in batch:
+                    if tensor.is_cuda:
+                        tensor.record_stream(torch.cuda.current_stream(tensor.device))
+                yield batch
+        finally:
+            epoch.close()  # stops FFCV's prefetch when the consumer leaves early
+
+
+def make_loader(
+    path: Path,
+    device: torch.device,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int = DEFAULT_WORKERS,
+    train: bool = False,
+    seed: int = 0,
+    augment: nn.Module | None = None,
+    compile_augment: bool = False,
+) -> DeviceBatches:
+    """One FFCV Loader over a beton, yielding (images, labels, indices), all on `device`.
+
+    train=True: random order reshuffled every epoch from `seed`, and `augment` (default
+    RandomCropFlip seeded from `seed`, torch.compiled when compile_augment) as the image pipeline's
+    last stage. Otherwise: sequential order, only normalisation. Never drops the last partial batch.
+    """
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+
+    device = torch.device(device)
+    if not train:  # one batch holds a whole eval split; FFCV allocates buffers for the full batch size
+        from ffcv.reader import Reader
+
+        batch_size = max(1, min(batch_size, int(Reader(str(path)).num_samples)))
+    if augment is None:
+        augment = RandomCropFlip(seed, device, compile=compile_augment) if train else Normalize(device)
+    image = [
+        SimpleRGBImageDecoder(),
+        ToTensor(),
+        ToDevice(device, non_blocking=True),
+        ToTorchImage(channels_last=True, convert_back_int16=False),
+        augment,
+    ]
+
+    def column() -> list:
+        return [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True), FlatInt64()]
+
+    loader = Loader(
+        str(path),
+        batch_size=batch_size,
+        num_workers=workers,
+        order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
+        seed=seed,
+        drop_last=False,
+        os_cache=True,
+        pipelines={"image": image, "label": column(), "index": column()},
+    )
+    return DeviceBatches(loader, len(loader.indices), augment)
+
+
+def make_loaders(data_dir: Path, device: torch.device, batch_size: int, workers: int, seed: int,
+                 compile_augment: bool, splits: tuple[str, ...]) -> dict[str, DeviceBatches]:
+    return {split: make_loader(Path(data_dir) / f"{split}.beton", device, batch_size, workers,
+                               train=split == "train", seed=seed, compile_augment=compile_augment)
+            for split in splits}
