@@ -35,7 +35,7 @@ python-deps:
 	  $(PIP) install -q setuptools wheel "numpy>=2" numba pillow && \
 	  $(PIP) install -q --no-build-isolation ffcv==1.0.2; }
 	@$(PYTHON) -c "from importlib.metadata import version as v; \
-	  [v(p) for p in ('fastcifar', 'tensorboard', 'torch-tb-profiler', 'pytest', 'ruff')]" 2>/dev/null || \
+	  [v(p) for p in ('fastcifar', 'tensorboard', 'torch-tb-profiler', 'matplotlib', 'pytest', 'ruff')]" 2>/dev/null || \
 	  $(PIP) install -q -e ".[test]"
 
 # Optional: NVIDIA DALI for --loader dali (CI installs it so the DALI tests run on its CPU-only pipeline).
