@@ -31,11 +31,13 @@ def test_isolated_and_end_to_end(small_data, tmp_path):
 
     out = tmp_path / "e2e.json"
     result = bench("--data-dir", str(small_data), "--device", "cpu", "--end-to-end", "--max-steps", "2",
-                   "--no-compile", "--loaders", "memory", "--out", str(out))
+                   "--repeats", "3", "--no-compile", "--loaders", "memory", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert set(data) >= {"memory", "synthetic"} and data["mode"] == "end_to_end"  # the floor is always measured
     assert data["synthetic"]["overhead_vs_synthetic"] == 0.0 and data["memory"]["ratio_to_memory"] == 1.0
     assert data["memory"]["train_images"] == 256  # 2 steps of 128
+    seconds = data["memory"]["epoch_seconds"]  # 3 interleaved epochs; the median one is reported
+    assert data["memory"]["epochs_timed"] == 3 and data["memory"]["seconds"] == sorted(seconds)[1]
     assert data["memory"]["overhead_vs_synthetic"] == pytest.approx(
         data["memory"]["seconds"] / data["synthetic"]["seconds"] - 1)

@@ -126,6 +126,7 @@ def test_evaluate_reproduces_the_run(cli_run, small_data):
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--lr", "nan"], "--lr must be a positive number"),
     (["--compile-mode", "fast"], "invalid choice"),
+    (["--loader", "foo"], "argument --loader: invalid choice: 'foo'"),
     (["--data-dir", "MISSING"], "manifest.json is missing; build the betons with: python tools/make_beton.py"),
     (["--data-dir", "STALE"], "does not match"),
 ])

@@ -2,9 +2,10 @@
 
   isolated     images/s of ready-to-train batches of the train split on the device, after a warm-up
                epoch: what each pipeline can deliver with nothing else running
-  --end-to-end one warm-up and one timed training epoch of the spec model per pipeline (the trainer's
-               own loop, `--compile` as given): epoch seconds, images/s, data and compute time, data
-               fraction, overhead over `synthetic` (epoch / synthetic's - 1) and ratio to `memory`
+  --end-to-end one warm-up and `--repeats` timed training epochs of the spec model per pipeline, the
+               pipelines interleaved round-robin (the trainer's own loop, `--compile` as given): the
+               median epoch's seconds, images/s, data and compute time, data fraction, overhead over
+               `synthetic` (epoch / synthetic's - 1) and ratio to `memory`
 
 Pipelines: ffcv, torch, memory, dali (when installed), and synthetic (the compute-only floor, end
 to end only). Usage: python tools/bench_loader.py --data-dir data [--end-to-end] [--loaders ffcv,torch]
@@ -66,20 +67,33 @@ def isolated(loader, device: torch.device, epochs: int, name: str) -> dict:
             "epoch_seconds": seconds, "images_per_epoch": total // epochs}
 
 
-def end_to_end(loaders: dict, device: torch.device, args: argparse.Namespace, name: str) -> dict:
-    """The trainer's loop: compile and warm up as `train --compile` does, one untimed epoch (FFCV's
-    JIT, caches), then one timed training epoch."""
-    torch.manual_seed(args.seed)
-    model = resnetv2_20().to(device=device, memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4)
-    net = torch.compile(model) if args.compile else model
-    warm_up_run(net, model, {"train": loaders["train"]}, device, args.batch_size, args.max_steps, None)
-    timer = StepTimer(device)
-    with frozen():
-        train_epoch(net, loaders["train"], optimizer, device, timer, args.max_steps, desc=f"{name} warm-up")
-        stats = train_epoch(net, loaders["train"], optimizer, device, timer, args.max_steps, desc=name)
-    return {k: stats[k] for k in ("seconds", "images_per_s", "train_images", "data_time_s", "compute_time_s",
-                                  "data_fraction")}
+class EndToEnd:
+    """One pipeline's training set-up, kept alive so that timed epochs of all pipelines can be
+    interleaved: compile and warm up as `train --compile` does, then one untimed epoch (FFCV's JIT,
+    caches) before any timed one."""
+
+    def __init__(self, loaders: dict, device: torch.device, args: argparse.Namespace, name: str):
+        torch.manual_seed(args.seed)
+        self.model = resnetv2_20().to(device=device, memory_format=torch.channels_last)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4)
+        self.net = torch.compile(self.model) if args.compile else self.model
+        self.train, self.device, self.max_steps, self.name = loaders["train"], device, args.max_steps, name
+        warm_up_run(self.net, self.model, {"train": self.train}, device, args.batch_size, args.max_steps, None)
+        self.epochs: list[dict] = []
+        self.epoch(timed=False)
+
+    def epoch(self, timed: bool = True) -> None:
+        with frozen():
+            stats = train_epoch(self.net, self.train, self.optimizer, self.device, StepTimer(self.device),
+                                self.max_steps, desc=f"{self.name}{'' if timed else ' warm-up'}")
+        if timed:
+            self.epochs.append({k: stats[k] for k in ("seconds", "images_per_s", "train_images", "data_time_s",
+                                                      "compute_time_s", "data_fraction")})
+
+    def result(self) -> dict:
+        """The median epoch by seconds (with one epoch, that epoch), and every epoch's seconds."""
+        median = sorted(self.epochs, key=lambda e: e["seconds"])[(len(self.epochs) - 1) // 2]
+        return {**median, "epoch_seconds": [e["seconds"] for e in self.epochs], "epochs_timed": len(self.epochs)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,14 +107,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=2, help="isolated: timed epochs after one warm-up epoch")
     p.add_argument("--end-to-end", action="store_true", help="time a training epoch of the spec model per pipeline")
     p.add_argument("--max-steps", type=int, default=None, help="end to end: cap each epoch (smoke runs)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="end to end: timed epochs per pipeline, interleaved round-robin; the median is reported")
     p.add_argument("--seed", type=int, default=0, help="order and augmentation seed")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile the device op (and, end to end, the model), as `train --compile` does")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON results (default results/bench_loader.json, or bench_end_to_end.json)")
     args = p.parse_args(argv)
-    if args.workers < 1 or args.batch_size < 1 or args.epochs < 1 or (args.max_steps or 1) < 1:
-        raise UserError("--workers, --batch-size, --epochs and --max-steps must be at least 1")
+    if min(args.workers, args.batch_size, args.epochs, args.repeats, args.max_steps or 1) < 1:
+        raise UserError("--workers, --batch-size, --epochs, --repeats and --max-steps must be at least 1")
     device = resolve_device(args.device)
     set_float32_precision(device, tf32=False)
     available = [n for n in LOADERS if n != "dali" or dali_installed()]
@@ -113,11 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or Path("results") / ("bench_end_to_end.json" if args.end_to_end else "bench_loader.json")
 
     results: dict = {}
+    setups: dict[str, EndToEnd] = {}
     for name in names:
         loaders = make_loaders(args.data_dir, device, args.batch_size, args.workers, args.seed,
                                compile_augment=args.compile, loader=name)
         if args.end_to_end:
-            results[name] = end_to_end(loaders, device, args, name)
+            setups[name] = EndToEnd(loaders, device, args, name)
         else:
             train = loaders["train"]
             if getattr(train.augment, "compiled", False):  # compiled on this thread, never in a loader's
@@ -125,6 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             with frozen():
                 results[name] = isolated(train, device, args.epochs, name)
         del loaders
+    for _ in range(args.repeats if args.end_to_end else 0):  # round-robin: drift of the machine hits all alike
+        for setup in setups.values():
+            setup.epoch()
+    results.update({name: setup.result() for name, setup in setups.items()})
     base = "torch" if "torch" in results else None
     for r in results.values():
         if args.end_to_end:
