@@ -69,7 +69,7 @@ def make_loaders(
     if batch_size > counts["train"]:
         raise UserError(f"--batch-size {batch_size} is larger than the training split ({counts['train']:,} images)")
     device = torch.device(device)
-    args = (Path(data_dir), device, batch_size, workers, seed, compile_augment, SPLITS)
+    args = (Path(data_dir), device, batch_size, workers, seed, compile_augment, counts)
     if loader == "ffcv":
         from .loaders import ffcv_loader as module
     elif loader == "torch":

@@ -80,7 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-steps", default="5,3,10", metavar="WAIT,WARMUP,ACTIVE",
                    help="profiler schedule within the profiled epoch")
     p.add_argument("--profile-epoch", type=int, default=2,
-                   help="epoch to profile (after compilation; capped at --epochs)")
+                   help="epoch to profile (2: after FFCV's first-epoch JIT; capped at --epochs)")
     args = p.parse_args(argv)
     args.profile_schedule = parse_profile_steps(args.profile_steps)
     for name, low in [("epochs", 1), ("batch_size", 1), ("workers", 1), ("max_steps_per_epoch", 1),

@@ -27,7 +27,7 @@ from tqdm import tqdm  # noqa: E402
 from fastcifar.data import LOADERS, make_loaders  # noqa: E402
 from fastcifar.env import environment, set_float32_precision  # noqa: E402
 from fastcifar.model import resnetv2_20  # noqa: E402
-from fastcifar.precompile import frozen, warm_up_run  # noqa: E402
+from fastcifar.precompile import batch_sizes, frozen, warm_up_run  # noqa: E402
 from fastcifar.profiling import StepTimer  # noqa: E402
 from fastcifar.train import train_epoch  # noqa: E402
 from fastcifar.utils import (  # noqa: E402
@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             train = loaders["train"]
             if getattr(train.augment, "compiled", False):  # compiled on this thread, never in a loader's
-                warm_up_run(None, None, {"train": train}, device, args.batch_size, None, None)
+                train.augment.warm_up(batch_sizes(train.images, args.batch_size))
             with frozen():
                 results[name] = isolated(train, device, args.epochs, name)
         del loaders

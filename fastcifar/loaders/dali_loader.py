@@ -105,6 +105,6 @@ class DaliBatches:
 
 
 def make_loaders(data_dir: Path, device: torch.device, batch_size: int, workers: int, seed: int,
-                 compile_augment: bool, splits: tuple[str, ...]) -> dict[str, DaliBatches]:
+                 compile_augment: bool, counts: dict[str, int]) -> dict[str, DaliBatches]:
     return {split: DaliBatches(data_dir / f"{split}.beton", device, batch_size, workers, split == "train", seed)
-            for split in splits}
+            for split in counts}

@@ -155,7 +155,7 @@ def make_loader(
 
 
 def make_loaders(data_dir: Path, device: torch.device, batch_size: int, workers: int, seed: int,
-                 compile_augment: bool, splits: tuple[str, ...]) -> dict[str, DeviceBatches]:
+                 compile_augment: bool, counts: dict[str, int]) -> dict[str, DeviceBatches]:
     return {split: make_loader(Path(data_dir) / f"{split}.beton", device, batch_size, workers,
                                train=split == "train", seed=seed, compile_augment=compile_augment)
-            for split in splits}
+            for split in counts}

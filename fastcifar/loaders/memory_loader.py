@@ -40,6 +40,6 @@ class DeviceSplit:
 
 
 def make_loaders(data_dir: Path, device: torch.device, batch_size: int, workers: int, seed: int,
-                 compile_augment: bool, splits: tuple[str, ...]) -> dict[str, DeviceSplit]:
+                 compile_augment: bool, counts: dict[str, int]) -> dict[str, DeviceSplit]:
     return {split: DeviceSplit(data_dir / f"{split}.beton", device, batch_size, split == "train", seed,
-                               compile_augment) for split in splits}
+                               compile_augment) for split in counts}

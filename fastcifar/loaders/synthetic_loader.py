@@ -33,10 +33,5 @@ class FixedBatch:
 
 
 def make_loaders(data_dir: Path, device: torch.device, batch_size: int, workers: int, seed: int,
-                 compile_augment: bool, splits: tuple[str, ...]) -> dict[str, FixedBatch]:
-    import json
-
-    from ..betons import MANIFEST
-
-    counts = json.loads((data_dir / MANIFEST).read_text())["counts"]
-    return {split: FixedBatch(int(counts[split]), device, batch_size, seed) for split in splits}
+                 compile_augment: bool, counts: dict[str, int]) -> dict[str, FixedBatch]:
+    return {split: FixedBatch(images, device, batch_size, seed) for split, images in counts.items()}

@@ -82,6 +82,6 @@ class TorchBatches:
 
 
 def make_loaders(data_dir: Path, device: torch.device, batch_size: int, workers: int, seed: int,
-                 compile_augment: bool, splits: tuple[str, ...]) -> dict[str, TorchBatches]:
+                 compile_augment: bool, counts: dict[str, int]) -> dict[str, TorchBatches]:
     return {split: TorchBatches(data_dir / f"{split}.beton", device, batch_size, workers, split == "train", seed)
-            for split in splits}
+            for split in counts}
