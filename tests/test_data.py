@@ -122,3 +122,12 @@ def test_augmented_batch_matches_reference_through_the_loader(small_data, compil
     position = {int(i): k for k, i in enumerate(beton["index"])}
     raw = torch.from_numpy(np.stack([beton["image"][position[int(i)]] for i in indices])).permute(0, 3, 1, 2)
     assert torch.equal(images, reference(raw, augment.last_offsets, augment.last_flips))
+
+
+def test_ffcv_workers_do_not_change_torchs_threads(small_data):
+    """FFCV 1.0.2 sets torch.set_num_threads(num_workers) from its loader thread (process-wide); ours
+    sets numba's threads only, so the model keeps its intra-op threads."""
+    before = torch.get_num_threads()
+    loader = make_loader(small_data / "val.beton", CPU, batch_size=16, workers=1)
+    assert sum(len(batch[0]) for batch in loader) == 50
+    assert torch.get_num_threads() == before

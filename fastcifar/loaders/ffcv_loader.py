@@ -9,6 +9,7 @@ What runs where:
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +69,25 @@ def _wait_for_batch(epoch_iterator, poll_s: float = 1.0) -> None:
             queue.not_empty.wait(poll_s)  # Queue.get's own wait; _qsize because the lock is held
 
 
+def _keep_torch_threads() -> None:
+    """FFCV 1.0.2's loader thread calls `Compiler.set_num_threads(num_workers)` at every epoch, which
+    sets numba's threads *and* `torch.set_num_threads(num_workers)` — process-wide: the model's
+    intra-op threads silently become the loader's worker count (1 worker: a 2-core CPU epoch took 1.8x
+    as long, measured). Patched once to set numba's threads only."""
+    import numba
+    from ffcv.pipeline.compiler import Compiler
+
+    if getattr(Compiler.set_num_threads, "_fastcifar", False):
+        return
+
+    def set_num_threads(cls, n: int) -> None:
+        cls.num_threads = n if n >= 1 else os.cpu_count()
+        numba.set_num_threads(min(cls.num_threads, numba.config.NUMBA_NUM_THREADS))
+
+    set_num_threads._fastcifar = True
+    Compiler.set_num_threads = classmethod(set_num_threads)
+
+
 class DeviceBatches:
     """What `make_loader` returns: an iterable with len() over (images, labels, indices) on the device.
 
@@ -123,6 +143,7 @@ def make_loader(
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
+    _keep_torch_threads()
     device = torch.device(device)
     if not train:  # one batch holds a whole eval split; FFCV allocates buffers for the full batch size
         from ffcv.reader import Reader
