@@ -102,7 +102,7 @@ class RandomCropFlip(nn.Module):
         """Compile the op for each batch size on zeros laid out as FFCV hands them over (an NCHW view
         of NHWC uint8), without drawing from the generator: the run's augmentation is unchanged.
         Then keep the compiled op only where it measurably helps (`choice`): on an Intel Xeon
-        (AVX-512) it ran ~3x faster than eager, on an AMD EPYC (AVX2) 1.3x slower."""
+        (AVX-512) it ran faster than eager, on an AMD EPYC (AVX2) 1.3x slower."""
         device = self.normalize.mean.device
         args = {}
         for n in sizes:
