@@ -78,7 +78,7 @@ class RandomCropFlip(nn.Module):
     spec's reference. Each image draws its own offset (uniform over the (2*pad+1)^2 positions) and
     its own flip from a generator on the images' device, seeded once: same seed, same batches.
     compile=True runs the op through torch.compile: one fused kernel/loop, same numbers bit for bit
-    (about 3x faster on CPU; ~10 s to compile once, plus once for the last partial batch). The op
+    (faster on some CPUs, slower on others: see warm_up; compiled once per batch size). The op
     runs in FFCV's thread, so it is compiled by `warm_up` on the main thread before the first batch
     (see precompile.py), in the default mode only: CUDA-graph trees fail outside the thread that
     recorded them (pytorch#123177).
