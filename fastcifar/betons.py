@@ -442,14 +442,19 @@ def _request(source_sha256: str, seed: int, val_per_class: int) -> dict:
     }
 
 
-def read_split(path: Path) -> dict[str, np.ndarray]:
-    """Every record of a raw-pixel beton as numpy arrays, in file order: image (N x 32 x 32 x 3 uint8),
-    label and index (int64). Read straight from the file with FFCV's Reader (its metadata table) and
-    a memory map, no Loader: no JIT compilation, about a second for the 45,000 training images."""
+def _columns(path: Path) -> dict[str, np.ndarray]:
+    """A beton's metadata table by field name (FFCV's Reader names the columns f0, f1, ...)."""
     from ffcv.reader import Reader
 
     reader = Reader(str(path))
-    column = {name: reader.metadata[f"f{i}"] for i, name in enumerate(reader.field_names)}
+    return {name: reader.metadata[f"f{i}"] for i, name in enumerate(reader.field_names)}
+
+
+def read_split(path: Path) -> dict[str, np.ndarray]:
+    """Every record of a raw-pixel beton as numpy arrays, in file order: image (N x 32 x 32 x 3 uint8),
+    label and index (int64). Read straight from the file with FFCV's Reader (its metadata table) and
+    a memory map, no Loader: no JIT compilation."""
+    column = _columns(path)
     image = column["image"]
     raw_32x32 = (image["mode"] == 1) & (image["height"] == 32) & (image["width"] == 32)
     if not raw_32x32.all():
@@ -468,11 +473,8 @@ def labels_problem(beton: Path, images: int) -> str | None:
     """Why a beton's label column is unusable (None when it is fine): read from its metadata table
     with FFCV's Reader (plain numpy, no JIT, milliseconds), so a label outside 0-9 is refused at
     start-up instead of failing cross-entropy mid-run."""
-    from ffcv.reader import Reader
-
     try:
-        reader = Reader(str(beton))
-        labels = reader.metadata[f"f{reader.field_names.index('label')}"]
+        labels = _columns(beton)["label"]
     except Exception as err:  # whatever a damaged header does to the reader
         return f"{beton} is not a readable beton ({type(err).__name__})"
     if len(labels) != images:
