@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .ffcv_threads import import_ffcv
 from .utils import (
     ArgumentParser,
     UserError,
@@ -342,6 +343,7 @@ def _in_process_writer():
     import queue
     from multiprocessing import Value
 
+    import_ffcv()
     from ffcv.memory_allocator import MemoryAllocator
     from ffcv.writer import DatasetWriter
 
@@ -371,6 +373,7 @@ def _in_process_writer():
 def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
     """Write one beton of raw pixels, in this process (see `_in_process_writer`); one worker, so
     FFCV's page order is deterministic."""
+    import_ffcv()
     from ffcv.fields import IntField, RGBImageField
 
     fields = {"image": RGBImageField(write_mode="raw"), "label": IntField(), "index": IntField()}
@@ -444,6 +447,7 @@ def _request(source_sha256: str, seed: int, val_per_class: int) -> dict:
 
 def _columns(path: Path) -> dict[str, np.ndarray]:
     """A beton's metadata table by field name (FFCV's Reader names the columns f0, f1, ...)."""
+    import_ffcv()
     from ffcv.reader import Reader
 
     reader = Reader(str(path))

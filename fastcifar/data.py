@@ -27,7 +27,8 @@ from .betons import MANIFEST, SPLITS, manifest_problem, read_split
 from .loaders.ffcv_loader import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, LoaderThreadDied, make_loader
 from .utils import UserError
 
-__all__ = ["LOADERS", "LoaderThreadDied", "check_betons", "make_loader", "make_loaders", "read_beton"]
+__all__ = ["LOADERS", "LoaderThreadDied", "check_betons", "make_loader", "make_loaders", "read_beton",
+           "split_sizes"]
 
 LOADERS = ("ffcv", "torch", "memory", "dali", "synthetic")
 
@@ -43,6 +44,11 @@ def check_betons(data_dir: Path) -> dict[str, int]:
             f"{problem}; build the betons with: python tools/make_beton.py --data-dir {data_dir} "
             "[--source PATH/cifar-10-python.tar.gz] --force"
         )
+    return split_sizes(data_dir)
+
+
+def split_sizes(data_dir: Path) -> dict[str, int]:
+    """Each split's image count, from the manifest (that `check_betons` has verified)."""
     manifest = json.loads((Path(data_dir) / MANIFEST).read_text())
     return {split: int(manifest["splits"][split]["images"]) for split in SPLITS}
 
@@ -60,16 +66,23 @@ def make_loaders(
     seed: int = 0,
     compile_augment: bool = False,
     loader: str = "ffcv",
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict:
     """{'train', 'val', 'test'} loaders of pipeline `loader` over `data_dir`, after checking the betons.
-    A batch larger than the training split is refused (a pipeline would allocate buffers for it)."""
+    A batch larger than the training split is refused (a pipeline would allocate buffers for it).
+
+    world_size > 1 (under torchrun): `batch_size` is this rank's share of the global batch; train
+    yields this rank's share of the epoch's order (`distributed.train_shard`: the same order on every
+    rank, padded so every rank takes as many steps), val/test this rank's images only
+    (`distributed.eval_shard`: each image scored once), and the augmentation draws from seed + rank."""
     if loader not in LOADERS:
         raise UserError(f"unknown loader {loader!r}: choose one of {', '.join(LOADERS)}")
     counts = check_betons(data_dir)
     if batch_size > counts["train"]:
         raise UserError(f"--batch-size {batch_size} is larger than the training split ({counts['train']:,} images)")
     device = torch.device(device)
-    args = (Path(data_dir), device, batch_size, workers, seed, compile_augment, counts)
+    args = (Path(data_dir), device, batch_size, workers, seed, compile_augment, counts, rank, world_size)
     if loader == "ffcv":
         from .loaders import ffcv_loader as module
     elif loader == "torch":

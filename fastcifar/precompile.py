@@ -61,27 +61,30 @@ def warm_up_model(net: nn.Module, model: nn.Module, device: torch.device, train_
             mark_step(mode)
             loss = nn.functional.cross_entropy(net(zeros(n)), torch.zeros(n, dtype=torch.int64, device=device))
             loss.backward()
-    net.eval()
+    scorer = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net  # as train.py scores
+    scorer.eval()
     with torch.no_grad():
         for n in eval_sizes:
             for _ in range(repeats):
                 mark_step(mode)
-                net(zeros(n))
+                scorer(zeros(n))
         model.load_state_dict(saved)
     model.zero_grad(set_to_none=True)
     net.train()
 
 
 def warm_up_run(net: nn.Module, model: nn.Module, loaders: dict, device: torch.device, batch_size: int,
-                max_steps: int | None, mode: str | None) -> dict:
+                max_steps: int | None, mode: str | None, compiled: bool | None = None) -> dict:
     """Compile everything a training run calls: the device op of each loader that has a compiled one
-    (`loader.augment.warm_up`) and the model, for the batch sizes each split yields. Returns the sizes."""
+    (`loader.augment.warm_up`) and the model, for the batch sizes each split yields. Returns the sizes.
+    `compiled`: whether `net` is compiled (default: whether it is another object than `model`; under
+    torchrun it is DDP, compiled or not)."""
     sizes = {split: batch_sizes(loader.images, batch_size, max_steps) for split, loader in loaders.items()}
     for split, loader in loaders.items():
         augment = getattr(loader, "augment", None)
         if getattr(augment, "compiled", False):
             augment.warm_up(sizes[split])
-    if net is not model:
+    if (net is not model) if compiled is None else compiled:
         eval_sizes = sorted({n for split in ("val", "test") for n in sizes.get(split, [])}, reverse=True)
         warm_up_model(net, model, device, sizes["train"], eval_sizes, mode)
     return sizes

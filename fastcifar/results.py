@@ -28,6 +28,11 @@ def collect(run_name: str, total_training_time_s: float, epochs: list[dict], tes
     times = [e["seconds"] for e in epochs]
     data_s = sum(e["data_time_s"] for e in epochs)
     compute_s = sum(e["compute_time_s"] for e in epochs)
+    per_rank = {}
+    if "data_time_s_per_rank" in epochs[0]:  # under torchrun: every rank's totals, and the worst
+        for key in ("data_time_s", "compute_time_s"):
+            totals = [sum(values) for values in zip(*(e[f"{key}_per_rank"] for e in epochs), strict=True)]
+            per_rank |= {f"{key}_per_rank": totals, f"{key}_max_rank": max(totals)}
     return {
         "run_name": run_name,
         "total_training_time_s": total_training_time_s,
@@ -45,6 +50,7 @@ def collect(run_name: str, total_training_time_s: float, epochs: list[dict], tes
         "data_time_s": data_s,
         "compute_time_s": compute_s,
         "data_fraction": data_fraction(data_s, compute_s),
+        **per_rank,
         "epochs": epochs,
         "profile": profile,
         "config": config,
@@ -66,5 +72,12 @@ def summary_table(results: dict) -> str:
         ("data / compute time", f"{results['data_time_s']:.1f} s / {results['compute_time_s']:.1f} s "
                                 f"(data fraction {results['data_fraction']:.3f})"),
     ]
+    world = results["env"].get("world_size", 1)
+    if world > 1:
+        per_process = results["config"]["batch_size"] // world
+        rows.insert(1, ("processes (torchrun)", f"{world} x {per_process} images per step"))
+        rows[-1] = ("data / compute time, mean rank", rows[-1][1])
+        rows.append(("  slowest rank", f"{results['data_time_s_max_rank']:.1f} s / "
+                                        f"{results['compute_time_s_max_rank']:.1f} s"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -21,8 +21,8 @@ from torch import nn
 from torch.autograd.profiler import record_function
 from tqdm import tqdm
 
-from . import __version__
-from .data import LOADERS, make_loaders
+from . import __version__, distributed
+from .data import LOADERS, make_loaders, split_sizes
 from .env import environment, seconds_since_process_start, set_float32_precision
 from .model import count_parameters, resnetv2_20
 from .precompile import frozen, mark_step, warm_up_run
@@ -44,7 +44,6 @@ from .utils import (
     atomic_path,
     device_name,
     plain_name,
-    resolve_device,
     run_cli,
     synchronize,
     writable_folder,
@@ -56,14 +55,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(prog="fastcifar.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="betons from tools/make_beton.py")
     p.add_argument("--epochs", type=int, default=10, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=128, help="images per batch (train and eval)")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="images per batch (train and eval); under torchrun the global batch, split evenly over "
+                        "the processes, so the recipe is the same whatever their number")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, constant")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW (decoupled) weight decay")
     p.add_argument("--seed", type=int, default=0, help="model init, batch order and augmentation")
     p.add_argument("--loader", default="ffcv", choices=LOADERS,
                    help="data pipeline (synthetic: one fixed batch, the compute-only floor; trains nothing)")
     p.add_argument("--workers", type=int, default=2, help="loader threads or processes")
-    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when available, else cpu), cpu, cuda, cuda:N; under torchrun: cuda (each "
+                        "process its cuda:LOCAL_RANK) or cpu")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (train and eval) and the on-device augmentation")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
@@ -98,7 +101,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def _progress(total: int, desc: str) -> tqdm:
     tty = sys.stderr.isatty()
     return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
-                mininterval=0.5 if tty else 30)
+                mininterval=0.5 if tty else 30, disable=not distributed.is_main())
 
 
 def _batches(loader, max_steps: int | None) -> int:
@@ -109,6 +112,8 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, devi
                 timer: StepTimer, max_steps: int | None = None, desc: str = "train",
                 on_step=None, compile_mode: str | None = None) -> dict:
     """One pass over the train loader. Loss and accuracy are summed on the device (no per-step sync).
+    Under torchrun the sums and counts are added over the ranks, the epoch takes as long as the
+    slowest rank, and the data/compute split is each rank's (their mean here, every rank's in *_per_rank).
 
     on_step(loss), when given, runs after every optimizer step (the profiler's step, tests' spies).
     Under --compile-mode reduce-overhead the model's outputs are CUDA-graph buffers that the next
@@ -158,17 +163,25 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, devi
     bar.close()
     if batches is not None and hasattr(batches, "close"):
         batches.close()  # stop FFCV's prefetch thread when --max-steps-per-epoch cut the epoch short
-    data_s, compute_s = timer.totals()
+    loss_sum, correct, seen = distributed.sum_over_ranks(loss_sum, correct, seen, device=device)
+    rank_seconds, rank_data_s, rank_compute_s = distributed.gather_over_ranks(seconds, *timer.totals(), device=device)
+    seconds, data_s, compute_s = max(rank_seconds), _mean(rank_data_s), _mean(rank_compute_s)
     return {
-        "train_loss": loss_sum.item() / max(seen, 1),
-        "train_acc": correct.item() / max(seen, 1),
-        "train_images": seen,
+        "train_loss": loss_sum / max(seen, 1),
+        "train_acc": correct / max(seen, 1),
+        "train_images": int(seen),
         "seconds": seconds,
         "images_per_s": seen / seconds,
         "data_time_s": data_s,
         "compute_time_s": compute_s,
         "data_fraction": data_fraction(data_s, compute_s),
+        **({"data_time_s_per_rank": rank_data_s, "compute_time_s_per_rank": rank_compute_s}
+           if len(rank_seconds) > 1 else {}),
     }
+
+
+def _mean(values: list[float]) -> float:
+    return values[0] if len(values) == 1 else sum(values) / len(values)
 
 
 @torch.no_grad()
@@ -176,7 +189,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, max_steps: int | No
              desc: str = "eval", compile_mode: str | None = None) -> dict:
     """Loss and accuracy over a loader, eval mode, and the time of each batch's forward pass with and
     without the wait for the batch: CUDA events read once at the end (no per-batch sync), or wall
-    clock on CPU, where the work is done when the call returns."""
+    clock on CPU, where the work is done when the call returns. Under torchrun each rank scores its
+    own images: sums and counts are added over the ranks, the times are the slowest rank's."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -203,80 +217,101 @@ def evaluate(model: nn.Module, loader, device: torch.device, max_steps: int | No
         batches.close()
     wait_s, forward_s = timer.totals()
     steps = max(timer.steps, 1)
-    return {"loss": loss_sum.item() / max(seen, 1), "accuracy": correct.item() / max(seen, 1), "images": seen,
-            "forward_ms_per_batch": 1e3 * forward_s / steps,
-            "forward_incl_data_ms_per_batch": 1e3 * (wait_s + forward_s) / steps}
+    loss_sum, correct, seen = distributed.sum_over_ranks(loss_sum, correct, seen, device=device)
+    forward_ms, incl_data_ms = distributed.gather_over_ranks(
+        1e3 * forward_s / steps, 1e3 * (wait_s + forward_s) / steps, device=device)
+    return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1), "images": int(seen),
+            "forward_ms_per_batch": max(forward_ms), "forward_incl_data_ms_per_batch": max(incl_data_ms)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    world_size = distributed.ranks_from_env().world_size
+    if args.batch_size % world_size:  # before any process group: every rank says it and exits
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) does not split evenly over "
+                        f"{world_size} processes")
+    ranks, device = distributed.setup(args.device)  # one process, or this rank's under torchrun
+    batch_size = args.batch_size // ranks.world_size  # this process's share
+    say = print if ranks.main else (lambda *a, **k: None)  # rank 0 alone prints, writes and profiles
     run_name = plain_name(args.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{device.type}", "--run-name")
     profile_dir = args.profile_dir / run_name
-    for folder, what in [(args.out, "--out"), *([(profile_dir, "--profile-dir")] if args.profile else [])]:
-        writable_folder(folder, what)
+    profile = args.profile and ranks.main
+    if ranks.main:
+        for folder, what in [(args.out, "--out"), *([(profile_dir, "--profile-dir")] if profile else [])]:
+            writable_folder(folder, what)
 
     compile_mode = args.compile_mode if args.compile else None
     precision = set_float32_precision(device, args.tf32)
     env = environment(device, loader=args.loader, compile=args.compile, compile_mode=compile_mode,
-                      precision=precision, seed=args.seed)
-    torch.manual_seed(args.seed)
-    loaders = make_loaders(args.data_dir, device, args.batch_size, args.workers, args.seed,
-                           compile_augment=args.compile, loader=args.loader)
+                      precision=precision, seed=args.seed, world_size=ranks.world_size)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    loaders = make_loaders(args.data_dir, device, batch_size, args.workers, args.seed,
+                           compile_augment=args.compile, loader=args.loader, rank=ranks.rank,
+                           world_size=ranks.world_size)
     if args.loader == "synthetic":
-        print("note: --loader synthetic feeds one fixed random batch: it measures the compute-only floor "
-              "and trains nothing meaningful (its accuracies are chance)", flush=True)
+        say("note: --loader synthetic feeds one fixed random batch: it measures the compute-only floor "
+            "and trains nothing meaningful (its accuracies are chance)", flush=True)
     model = resnetv2_20().to(device=device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
                                   weight_decay=args.weight_decay)
-    net = torch.compile(model, mode=args.compile_mode) if args.compile else model
-    print(f"fastcifar {__version__}: ResNetV2-20 ({count_parameters(model):,} parameters) on "
-          f"{device_name(device)}, loader {args.loader}, "
-          f"{'torch.compile ' + args.compile_mode if args.compile else 'eager'}, "
-          f"{'TF32' if args.tf32 else 'float32'}, train {len(loaders['train'])} batches of {args.batch_size}",
-          flush=True)
+    net = distributed.wrap(model, device, compile_mode)  # torch.compile and, under torchrun, DDP
+    processes = ""
+    if ranks.world_size > 1:  # FFCV's and torch's DistributedSampler pad the split to a multiple of N
+        repeated = loaders["train"].images * ranks.world_size - split_sizes(args.data_dir)["train"]
+        processes = f", {ranks.world_size} processes x {batch_size}, {repeated} train images repeated per epoch"
+    say(f"fastcifar {__version__}: ResNetV2-20 ({count_parameters(model):,} parameters) on "
+        f"{device_name(device)}, loader {args.loader}, "
+        f"{'torch.compile ' + args.compile_mode if args.compile else 'eager'}, "
+        f"{'TF32' if args.tf32 else 'float32'}, train {len(loaders['train'])} batches of {args.batch_size}{processes}",
+        flush=True)
     # Every compilation now, on this thread, before FFCV's threads start (see precompile.py).
     synchronize(device)
     t0 = time.perf_counter()
-    sizes = warm_up_run(net, model, loaders, device, args.batch_size, args.max_steps_per_epoch, compile_mode)
+    sizes = warm_up_run(net, model, loaders, device, batch_size, args.max_steps_per_epoch, compile_mode,
+                        compiled=args.compile)
     synchronize(device)
     warm_up_s = time.perf_counter() - t0
     device_op = getattr(loaders["train"].augment, "choice", None)
     if args.compile:
-        print(warm_up_line(sizes, warm_up_s, device_op), flush=True)
+        say(warm_up_line(sizes, warm_up_s, device_op), flush=True)
 
     timer = StepTimer(device)
     profile_epoch = min(args.profile_epoch, args.epochs)
-    scalars = ScalarLog(profile_dir) if args.profile else None
+    scalars = ScalarLog(profile_dir) if profile else None
     traces: list[Path] = []
     epochs = []
+    scorer = distributed.unwrap(net)  # evaluation runs no collective: each rank scores its own images
     with frozen():
         for epoch in range(1, args.epochs + 1):
             profiler = TraceProfiler(profile_dir, device, args.profile_schedule) if (
-                args.profile and epoch == profile_epoch) else None
+                profile and epoch == profile_epoch) else None
             with profiler or contextlib.nullcontext():
                 stats = train_epoch(net, loaders["train"], optimizer, device, timer, args.max_steps_per_epoch,
                                     desc=f"epoch {epoch}/{args.epochs}" + (" (profiling)" if profiler else ""),
                                     on_step=profiler.step if profiler else None, compile_mode=compile_mode)
             traces = profiler.traces if profiler else traces
-            val = evaluate(net, loaders["val"], device, args.max_steps_per_epoch, desc="val",
+            distributed.sync_buffers(model)  # every rank scores the model rank 0 saves
+            val = evaluate(scorer, loaders["val"], device, args.max_steps_per_epoch, desc="val",
                            compile_mode=compile_mode)
             stats = {"epoch": epoch, **stats, "val_loss": val["loss"], "val_acc": val["accuracy"],
                      "val_images": val["images"]}
             epochs.append(stats)
             if scalars is not None:
                 scalars.epoch(epoch, stats)
-            print(epoch_line(stats, args.epochs, args.loader), flush=True)
-        total_training_time = seconds_since_process_start()
+            say(epoch_line(stats, args.epochs, args.loader), flush=True)
+        total_training_time = max(distributed.gather_over_ranks(seconds_since_process_start(), device=device)[0])
         if scalars is not None:
             scalars.close()
-        test = evaluate(net, loaders["test"], device, args.max_steps_per_epoch, desc="test",
+        test = evaluate(scorer, loaders["test"], device, args.max_steps_per_epoch, desc="test",
                         compile_mode=compile_mode)
 
+    if not ranks.main:
+        distributed.cleanup()
+        return 0
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "profile_schedule"}
-    profile = {"dir": str(profile_dir), "epoch": profile_epoch, "traces": [str(t) for t in traces]} \
-        if args.profile else None
-    results = collect(run_name, total_training_time, epochs, test, config, env, profile)
+    profiled = {"dir": str(profile_dir), "epoch": profile_epoch, "traces": [str(t) for t in traces]} \
+        if profile else None
+    results = collect(run_name, total_training_time, epochs, test, config, env, profiled)
     results["warm_up_s"] = warm_up_s
     results["device_op"] = device_op
     weights = args.out / f"{run_name}.pt"
@@ -289,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.profile:
         print(f"profile: {', '.join(map(str, traces)) or 'no trace (window longer than the epoch?)'}; "
               f"view with: tensorboard --logdir {args.profile_dir}")
+    distributed.cleanup()
     return 0
 
 

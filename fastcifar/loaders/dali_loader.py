@@ -19,6 +19,7 @@ import torch
 
 from ..augment import IMAGENET_MEAN, IMAGENET_STD
 from ..betons import read_split
+from ..distributed import eval_shard, train_shard
 from ..utils import UserError
 
 INSTALL = 'pip install -e ".[dali]"  (NVIDIA DALI, package nvidia-dali-cuda120)'
@@ -39,14 +40,18 @@ class _Source:
     """DALI's external source: each call returns the next batch (a list of HWC images, labels and
     indices); at the end of the split it raises StopIteration and draws the next epoch's order."""
 
-    def __init__(self, data: dict, batch_size: int, train: bool, seed: int):
+    def __init__(self, data: dict, batch_size: int, train: bool, seed: int, rank: int = 0, world_size: int = 1):
         self.data, self.batch_size, self.train, self.seed = data, batch_size, train, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.position = 0, 0
         self.order = self._order()
 
     def _order(self) -> np.ndarray:
+        """The epoch's order (the same on every rank), then this rank's share of it."""
         n = len(self.data["label"])
-        return np.random.default_rng(self.seed + self.epoch).permutation(n) if self.train else np.arange(n)
+        if not self.train:
+            return eval_shard(n, self.rank, self.world_size)
+        return train_shard(np.random.default_rng(self.seed + self.epoch).permutation(n), self.rank, self.world_size)
 
     def __call__(self):
         if self.position >= len(self.order):
@@ -60,20 +65,22 @@ class _Source:
 
 
 class DaliBatches:
-    def __init__(self, path: Path, device: torch.device, batch_size: int, workers: int, train: bool, seed: int):
+    def __init__(self, path: Path, device: torch.device, batch_size: int, workers: int, train: bool, seed: int,
+                 rank: int = 0, world_size: int = 1):
         fn, types, pipeline_def, DALIGenericIterator, LastBatchPolicy = _dali()
         data = read_split(path)
-        self.device, self.images, self.batch_size, self.augment = device, len(data["label"]), batch_size, None
+        source = _Source(data, batch_size, train, seed, rank, world_size)
+        self.device, self.images, self.batch_size, self.augment = device, len(source.order), batch_size, None
         gpu = device.type == "cuda"
         mean = [255 * m for m in IMAGENET_MEAN]
         std = [255 * s for s in IMAGENET_STD]
 
         device_id = (device.index or 0) if gpu else None  # None: DALI's CPU-only pipeline
 
-        @pipeline_def(batch_size=batch_size, num_threads=max(1, workers), device_id=device_id, seed=seed,
+        @pipeline_def(batch_size=batch_size, num_threads=max(1, workers), device_id=device_id, seed=seed + rank,
                       prefetch_queue_depth=2)
         def pipeline():
-            images, labels, indices = fn.external_source(source=_Source(data, batch_size, train, seed), num_outputs=3,
+            images, labels, indices = fn.external_source(source=source, num_outputs=3,
                                                          layout=["HWC", "", ""], batch=True)
             if gpu:
                 images = images.gpu()
@@ -105,6 +112,8 @@ class DaliBatches:
 
 
 def make_loaders(data_dir: Path, device: torch.device, batch_size: int, workers: int, seed: int,
-                 compile_augment: bool, counts: dict[str, int]) -> dict[str, DaliBatches]:
-    return {split: DaliBatches(data_dir / f"{split}.beton", device, batch_size, workers, split == "train", seed)
+                 compile_augment: bool, counts: dict[str, int], rank: int = 0,
+                 world_size: int = 1) -> dict[str, DaliBatches]:
+    return {split: DaliBatches(data_dir / f"{split}.beton", device, batch_size, workers, split == "train", seed,
+                               rank, world_size)
             for split in counts}

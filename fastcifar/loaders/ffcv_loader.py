@@ -9,7 +9,6 @@ What runs where:
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,8 @@ import torch
 from torch import nn
 
 from ..augment import Normalize, RandomCropFlip
+from ..distributed import eval_shard
+from ..ffcv_threads import import_ffcv
 
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_WORKERS = 2
@@ -69,25 +70,6 @@ def _wait_for_batch(epoch_iterator, poll_s: float = 1.0) -> None:
             queue.not_empty.wait(poll_s)  # Queue.get's own wait; _qsize because the lock is held
 
 
-def _keep_torch_threads() -> None:
-    """FFCV 1.0.2's loader thread calls `Compiler.set_num_threads(num_workers)` at every epoch, which
-    sets numba's threads *and* `torch.set_num_threads(num_workers)` — process-wide: the model's
-    intra-op threads silently become the loader's worker count (1 worker: a 2-core CPU epoch took 1.8x
-    as long, measured). Patched once to set numba's threads only."""
-    import numba
-    from ffcv.pipeline.compiler import Compiler
-
-    if getattr(Compiler.set_num_threads, "_fastcifar", False):
-        return
-
-    def set_num_threads(cls, n: int) -> None:
-        cls.num_threads = n if n >= 1 else os.cpu_count()
-        numba.set_num_threads(min(cls.num_threads, numba.config.NUMBA_NUM_THREADS))
-
-    set_num_threads._fastcifar = True
-    Compiler.set_num_threads = classmethod(set_num_threads)
-
-
 class DeviceBatches:
     """What `make_loader` returns: an iterable with len() over (images, labels, indices) on the device.
 
@@ -132,25 +114,32 @@ def make_loader(
     seed: int = 0,
     augment: nn.Module | None = None,
     compile_augment: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DeviceBatches:
     """One FFCV Loader over a beton, yielding (images, labels, indices), all on `device`.
 
     train=True: random order reshuffled every epoch from `seed`, and `augment` (default
-    RandomCropFlip seeded from `seed`, torch.compiled when compile_augment) as the image pipeline's
-    last stage. Otherwise: sequential order, only normalisation. Never drops the last partial batch.
+    RandomCropFlip seeded from `seed + rank`, torch.compiled when compile_augment) as the image
+    pipeline's last stage. Otherwise: sequential order, only normalisation. Never drops the last
+    partial batch. With world_size > 1 (a process group is running) `batch_size` is this rank's:
+    train uses FFCV's `distributed=True` (the order from `seed` on every rank, split as
+    `distributed.train_shard` does), val/test this rank's `distributed.eval_shard`, unpadded.
     """
+    import_ffcv()
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
+    from ffcv.reader import Reader
     from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
-    _keep_torch_threads()
     device = torch.device(device)
+    total = int(Reader(str(path)).num_samples)
+    shard = None if train or world_size == 1 else eval_shard(total, rank, world_size)
+    images = -(-total // world_size) if train else total if shard is None else len(shard)
     if not train:  # one batch holds a whole eval split; FFCV allocates buffers for the full batch size
-        from ffcv.reader import Reader
-
-        batch_size = max(1, min(batch_size, int(Reader(str(path)).num_samples)))
+        batch_size = max(1, min(batch_size, images))
     if augment is None:
-        augment = RandomCropFlip(seed, device, compile=compile_augment) if train else Normalize(device)
+        augment = RandomCropFlip(seed + rank, device, compile=compile_augment) if train else Normalize(device)
     image = [
         SimpleRGBImageDecoder(),
         ToTensor(),
@@ -170,13 +159,17 @@ def make_loader(
         seed=seed,
         drop_last=False,
         os_cache=True,
+        distributed=train and world_size > 1,
+        indices=shard,
         pipelines={"image": image, "label": column(), "index": column()},
     )
-    return DeviceBatches(loader, len(loader.indices), augment)
+    return DeviceBatches(loader, images, augment)
 
 
 def make_loaders(data_dir: Path, device: torch.device, batch_size: int, workers: int, seed: int,
-                 compile_augment: bool, counts: dict[str, int]) -> dict[str, DeviceBatches]:
+                 compile_augment: bool, counts: dict[str, int], rank: int = 0,
+                 world_size: int = 1) -> dict[str, DeviceBatches]:
     return {split: make_loader(Path(data_dir) / f"{split}.beton", device, batch_size, workers,
-                               train=split == "train", seed=seed, compile_augment=compile_augment)
+                               train=split == "train", seed=seed, compile_augment=compile_augment,
+                               rank=rank, world_size=world_size)
             for split in counts}

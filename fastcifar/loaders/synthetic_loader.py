@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import eval_shard
+
 
 class FixedBatch:
     def __init__(self, images: int, device: torch.device, batch_size: int, seed: int):
@@ -33,5 +35,9 @@ class FixedBatch:
 
 
 def make_loaders(data_dir: Path, device: torch.device, batch_size: int, workers: int, seed: int,
-                 compile_augment: bool, counts: dict[str, int]) -> dict[str, FixedBatch]:
-    return {split: FixedBatch(images, device, batch_size, seed) for split, images in counts.items()}
+                 compile_augment: bool, counts: dict[str, int], rank: int = 0,
+                 world_size: int = 1) -> dict[str, FixedBatch]:
+    """Each rank gets as many images as the real pipelines give it (train padded, val/test not)."""
+    per_rank = {split: -(-n // world_size) if split == "train" else len(eval_shard(n, rank, world_size))
+                for split, n in counts.items()}
+    return {split: FixedBatch(images, device, batch_size, seed + rank) for split, images in per_rank.items()}

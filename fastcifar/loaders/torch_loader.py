@@ -14,6 +14,7 @@ import torch
 
 from ..augment import IMAGENET_MEAN, IMAGENET_STD
 from ..betons import read_split
+from ..distributed import eval_shard
 
 
 class PlainTorchTransforms:
@@ -61,27 +62,41 @@ class ImageDataset(torch.utils.data.Dataset):
 class TorchBatches:
     """A DataLoader whose batches arrive on the device as float32 channels_last."""
 
-    def __init__(self, path: Path, device: torch.device, batch_size: int, workers: int, train: bool, seed: int):
+    def __init__(self, path: Path, device: torch.device, batch_size: int, workers: int, train: bool, seed: int,
+                 rank: int = 0, world_size: int = 1):
         data = read_split(path)
         transform, self.transforms = conventional_transforms(train)
+        dataset = ImageDataset(data["image"], data["label"], data["index"], transform)
         generator = torch.Generator()
-        generator.manual_seed(seed)
-        self.device, self.images, self.augment = device, len(data["label"]), None
+        generator.manual_seed(seed + rank)  # the workers' seeds, so each rank draws its own crops
+        # Under torchrun: torch's DistributedSampler for train (the order from `seed` on every rank,
+        # reshuffled by set_epoch), this rank's unpadded eval shard for val/test.
+        self.sampler = None
+        if world_size > 1:
+            self.sampler = (torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
+                            if train else eval_shard(len(dataset), rank, world_size).tolist())
+        self.device, self.augment, self.epoch = device, None, 0
+        self.images = len(self.sampler) if self.sampler is not None else len(dataset)
         self.loader = torch.utils.data.DataLoader(
-            ImageDataset(data["image"], data["label"], data["index"], transform), batch_size=batch_size,
-            shuffle=train, generator=generator, num_workers=workers, pin_memory=device.type == "cuda",
-            drop_last=False, persistent_workers=workers > 0)
+            dataset, batch_size=batch_size, shuffle=train and self.sampler is None, sampler=self.sampler,
+            generator=generator, num_workers=workers, pin_memory=device.type == "cuda", drop_last=False,
+            persistent_workers=workers > 0)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(self.epoch)
+            self.epoch += 1
         for images, labels, indices in self.loader:
             yield (images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last),
                    labels.to(self.device, non_blocking=True), indices.to(self.device, non_blocking=True))
 
 
 def make_loaders(data_dir: Path, device: torch.device, batch_size: int, workers: int, seed: int,
-                 compile_augment: bool, counts: dict[str, int]) -> dict[str, TorchBatches]:
-    return {split: TorchBatches(data_dir / f"{split}.beton", device, batch_size, workers, split == "train", seed)
+                 compile_augment: bool, counts: dict[str, int], rank: int = 0,
+                 world_size: int = 1) -> dict[str, TorchBatches]:
+    return {split: TorchBatches(data_dir / f"{split}.beton", device, batch_size, workers, split == "train", seed,
+                                rank, world_size)
             for split in counts}
