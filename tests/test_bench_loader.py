@@ -41,3 +41,7 @@ def test_isolated_and_end_to_end(small_data, tmp_path):
     assert data["memory"]["epochs_timed"] == 3 and data["memory"]["seconds"] == sorted(seconds)[1]
     assert data["memory"]["overhead_vs_synthetic"] == pytest.approx(
         data["memory"]["seconds"] / data["synthetic"]["seconds"] - 1)
+    cpu = data["memory"]["epoch_cpu_s"]  # the process's CPU seconds per epoch, median reported
+    assert len(cpu) == 3 and all(c > 0 for c in cpu) and data["memory"]["cpu_s"] == sorted(cpu)[1]
+    assert data["memory"]["cpu_overhead_vs_synthetic"] == pytest.approx(
+        data["memory"]["cpu_s"] / data["synthetic"]["cpu_s"] - 1)

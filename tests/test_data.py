@@ -130,11 +130,16 @@ def test_augmented_batch_matches_reference_through_the_loader(small_data, compil
 def test_ffcv_leaves_torchs_threads_alone(small_data):
     """FFCV 1.0.2 sets torch.set_num_threads process-wide: to 1 when imported, to num_workers in every
     Loader and every epoch's thread. A fresh process (ffcv is already imported here) set to 2 threads
-    must still have 2 after reading, loading and iterating with 1 worker."""
+    must still have 2 after reading, loading and iterating with 1 worker.
+    And inside FFCV's thread, on the CPU, torch runs on one thread (`OneTorchThread`), seen from the
+    device op, the pipeline's last stage."""
     code = ("import torch; torch.set_num_threads(2); from fastcifar.data import check_betons, make_loader; "
-            f"check_betons({str(small_data)!r}); "
-            f"loader = make_loader({str(small_data / 'val.beton')!r}, torch.device('cpu'), 16, workers=1); "
-            "assert sum(len(b[0]) for b in loader) == 50; print(torch.get_num_threads())")
+            "from fastcifar.augment import Normalize\n"
+            "class Spy(Normalize):\n"
+            "    def forward(self, x): seen.add(torch.get_num_threads()); return super().forward(x)\n"
+            f"seen = set(); check_betons({str(small_data)!r}); "
+            f"loader = make_loader({str(small_data / 'val.beton')!r}, torch.device('cpu'), 16, workers=1, "
+            "augment=Spy()); assert sum(len(b[0]) for b in loader) == 50; print(torch.get_num_threads(), seen)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-1] == "2"
+    assert out.stdout.split("\n")[-2] == "2 {1}"

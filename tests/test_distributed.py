@@ -152,3 +152,22 @@ def test_cuda_ranks_without_gpus_each_say_one_line(small_data):
     assert len(lines) == 2 and all("CUDA is not available" in line for line in lines), proc.stderr[-2000:]
     assert proc.stderr.count("exitcode  : 2") == 2  # torchrun's report: both ranks exited 2
     assert not [line for line in proc.stderr.splitlines() if "fastcifar" in line and line.strip().startswith("File")]
+
+
+@pytest.mark.parametrize("loader", ["torch", "memory", "dali", "synthetic"])
+def test_every_pipeline_shares_the_splits_out(small_data, loader):
+    """Two ranks, no process group needed (FFCV's distributed loader needs one: it runs in the
+    torchrun tests above): train split evenly and completely, val/test each image exactly once."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    from fastcifar.data import make_loaders, read_beton
+
+    cpu = torch.device("cpu")
+    ranks = [make_loaders(small_data, cpu, 64, 0 if loader == "torch" else 1, seed=0, loader=loader, rank=r,
+                          world_size=2) for r in (0, 1)]
+    for split, total in [("train", 450), ("val", 50), ("test", 110)]:
+        seen = [torch.cat([batch[2] for batch in rank[split]]).tolist() for rank in ranks]
+        expected = [225, 225] if split == "train" else [-(-total // 2), total // 2]
+        assert [len(s) for s in seen] == expected
+        if loader != "synthetic":  # synthetic has no images to share, only the counts
+            assert sorted(seen[0] + seen[1]) == sorted(read_beton(small_data / f"{split}.beton")["index"].tolist())

@@ -5,7 +5,9 @@
   --end-to-end one warm-up and `--repeats` timed training epochs of the spec model per pipeline, the
                pipelines interleaved round-robin (the trainer's own loop, `--compile` as given): the
                median epoch's seconds, images/s, data and compute time, data fraction, overhead over
-               `synthetic` (epoch / synthetic's - 1) and ratio to `memory`
+               `synthetic` (epoch / synthetic's - 1) and ratio to `memory`; and the median CPU
+               seconds the process used per epoch (all its threads; not worker processes'), the
+               pipeline's CPU cost, which a VM's drifting speed blurs less than wall time
 
 Pipelines: ffcv, torch, memory, dali (when installed), and synthetic (the compute-only floor, end
 to end only). Usage: python tools/bench_loader.py --data-dir data [--end-to-end] [--loaders ffcv,torch]
@@ -83,17 +85,21 @@ class EndToEnd:
         self.epoch(timed=False)
 
     def epoch(self, timed: bool = True) -> None:
+        cpu0 = time.process_time()  # CPU seconds of every thread of this process (not of worker processes)
         with frozen():
             stats = train_epoch(self.net, self.train, self.optimizer, self.device, StepTimer(self.device),
                                 self.max_steps, desc=f"{self.name}{'' if timed else ' warm-up'}")
+        cpu_s = time.process_time() - cpu0
         if timed:
-            self.epochs.append({k: stats[k] for k in ("seconds", "images_per_s", "train_images", "data_time_s",
-                                                      "compute_time_s", "data_fraction")})
+            self.epochs.append({**{k: stats[k] for k in ("seconds", "images_per_s", "train_images", "data_time_s",
+                                                         "compute_time_s", "data_fraction")}, "cpu_s": cpu_s})
 
     def result(self) -> dict:
         """The median epoch by seconds (with one epoch, that epoch), and every epoch's seconds."""
         median = sorted(self.epochs, key=lambda e: e["seconds"])[(len(self.epochs) - 1) // 2]
-        return {**median, "epoch_seconds": [e["seconds"] for e in self.epochs], "epochs_timed": len(self.epochs)}
+        cpu = sorted(e["cpu_s"] for e in self.epochs)[(len(self.epochs) - 1) // 2]
+        return {**median, "cpu_s": cpu, "epoch_seconds": [e["seconds"] for e in self.epochs],
+                "epoch_cpu_s": [e["cpu_s"] for e in self.epochs], "epochs_timed": len(self.epochs)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -150,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in results.values():
         if args.end_to_end:
             r["overhead_vs_synthetic"] = r["seconds"] / results["synthetic"]["seconds"] - 1
+            r["cpu_overhead_vs_synthetic"] = r["cpu_s"] / results["synthetic"]["cpu_s"] - 1
             if "memory" in results:
                 r["ratio_to_memory"] = r["seconds"] / results["memory"]["seconds"]
         elif base:
@@ -162,10 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{'compiled' if args.compile else 'eager'}")
     if args.end_to_end:
         header = f"{'pipeline':<10}{'epoch s':>9}{'images/s':>10}{'data s':>8}{'compute s':>10}{'data frac':>10}" \
-                 f"{'vs synthetic':>13}{'vs memory':>10}"
+                 f"{'vs synthetic':>13}{'vs memory':>10}{'CPU s':>8}{'CPU vs synth':>13}"
         rows = [f"{n:<10}{r['seconds']:>9.2f}{r['images_per_s']:>10,.0f}{r['data_time_s']:>8.2f}"
                 f"{r['compute_time_s']:>10.2f}{r['data_fraction']:>10.3f}{100 * r['overhead_vs_synthetic']:>+12.1f}%"
-                + (f"{r['ratio_to_memory']:>9.3f}x" if "ratio_to_memory" in r else "") for n, r in results.items()]
+                + (f"{r['ratio_to_memory']:>9.3f}x" if "ratio_to_memory" in r else f"{'':>10}")
+                + f"{r['cpu_s']:>8.1f}{100 * r['cpu_overhead_vs_synthetic']:>+12.1f}%" for n, r in results.items()]
     else:
         header = f"{'pipeline':<10}{'images/s':>12}{'vs torch':>10}{'s / epoch':>11}"
         rows = [f"{n:<10}{r['images_per_s']:>12,.0f}" + (f"{r['ratio_to_torch']:>9.2f}x" if "ratio_to_torch" in r

@@ -3,6 +3,7 @@ augmented there in one batched op (see `augment.py`).
 
 What runs where:
   CPU (FFCV worker threads, compiled by numba): read raw pixels from the memory-mapped beton, batch.
+  (device = CPU: torch ops in FFCV's thread on one thread, see OneTorchThread.)
   copy: `ToDevice(non_blocking=True)` moves the uint8 batch (4x smaller than float32).
   device: NHWC -> NCHW view (already channels_last in memory), /255, normalise, pad, crop, flip.
 """
@@ -33,6 +34,23 @@ class FlatInt64(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1).to(torch.int64, copy=True)
+
+
+class OneTorchThread(nn.Module):
+    """On the CPU, the first torch stage of FFCV's image pipeline: the torch ops in FFCV's thread
+    (ToDevice's copy, the device op) run on one thread.
+
+    Why, measured on 2 cores: otherwise the copy's parallel loop starts a second OpenMP team in FFCV's
+    thread; libgomp then manages more threads than there are cores and stops letting the model's
+    worker thread spin between parallel regions, so every region waits for it to wake: the model's
+    two threads used 1.75 cores instead of 1.99 and FFCV's epochs ran ~10 % slower than `synthetic`'s,
+    with FFCV's own thread busy under 1 %. torch.set_num_threads also sets the count that new threads
+    start with; the threads started after this are FFCV's own, where one is what we want."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+        return x
 
 
 class LoaderThreadDied(RuntimeError):
@@ -143,6 +161,7 @@ def make_loader(
     image = [
         SimpleRGBImageDecoder(),
         ToTensor(),
+        *([OneTorchThread()] if device.type == "cpu" else []),
         ToDevice(device, non_blocking=True),
         ToTorchImage(channels_last=True, convert_back_int16=False),
         augment,
