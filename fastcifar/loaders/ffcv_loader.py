@@ -41,8 +41,9 @@ class OneTorchThread(nn.Module):
     (ToDevice's copy, the device op) run on one thread.
 
     Why, measured on 2 cores: otherwise the copy's parallel loop starts a second OpenMP team in FFCV's
-    thread; libgomp then manages more threads than there are cores and stops letting the model's
-    worker thread spin between parallel regions, so every region waits for it to wake: the model's
+    thread; libgomp then manages more threads than there are cores and cuts its threads' spinning
+    from 300,000 spins to 100 (GOMP_SPINCOUNT's documented rule), so the model's worker sleeps
+    between parallel regions and every region waits for it to wake: the model's
     two threads used 1.75 cores instead of 1.99 and FFCV's epochs ran ~10 % slower than `synthetic`'s,
     with FFCV's own thread busy under 1 %. torch.set_num_threads also sets the count that new threads
     start with; the threads started after this are FFCV's own, where one is what we want."""
