@@ -7,7 +7,9 @@ no trip back to the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -71,6 +73,20 @@ def _ms_per_call(op, args: tuple, calls: int = 10, rounds: int = 3) -> float:
     return 1e3 * best
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` inside the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class RandomCropFlip(nn.Module):
     """Normalise, zero-pad `pad` pixels, random `size` crop and random horizontal flip, per image.
 
@@ -93,6 +109,10 @@ class RandomCropFlip(nn.Module):
         self.generator.manual_seed(seed)
         self.compiled = compile
         self.choice: dict | None = None  # set by warm_up: which of compiled and eager ran faster here
+        # The torch thread count of the thread the op will run in (None: the caller's). FFCV on the
+        # CPU runs it on 1 (loaders/ffcv_loader.OneTorchThread); dynamo guards on the count, so the
+        # warm-up compiles and times the op with that count, or FFCV's thread would recompile.
+        self.threads: int | None = None
         self.op = torch.compile(crop_flip_normalize, mode="default") if compile else crop_flip_normalize
         # For tests only. On CUDA they live on FFCV's side stream and are overwritten by the next batch.
         self.last_offsets: torch.Tensor | None = None  # (N, 2) rows, cols of the last batch
@@ -103,6 +123,10 @@ class RandomCropFlip(nn.Module):
         of NHWC uint8), without drawing from the generator: the run's augmentation is unchanged.
         Then keep the compiled op only where it measurably helps (`choice`): on an Intel Xeon
         (AVX-512) it ran faster than eager, on an AMD EPYC (AVX2) 1.3x slower."""
+        with torch_threads(self.threads):
+            self._warm_up(sizes, height, width)
+
+    def _warm_up(self, sizes: list[int], height: int, width: int) -> None:
         device = self.normalize.mean.device
         args = {}
         for n in sizes:

@@ -159,6 +159,8 @@ def make_loader(
         batch_size = max(1, min(batch_size, images))
     if augment is None:
         augment = RandomCropFlip(seed + rank, device, compile=compile_augment) if train else Normalize(device)
+    if device.type == "cpu" and hasattr(augment, "threads"):
+        augment.threads = 1  # it will run behind OneTorchThread: compile it for one thread
     image = [
         SimpleRGBImageDecoder(),
         ToTensor(),
