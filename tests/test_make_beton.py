@@ -228,7 +228,7 @@ def test_real_signal_mid_write_leaves_nothing_complete(tmp_path, sig):
     os.killpg(proc.pid, sig)
     _, stderr = proc.communicate(timeout=120)
     names = [p.name for p in tmp_path.iterdir()]
-    assert not [n for n in names if n.endswith(".beton") or n == "manifest.json"], names
+    assert not [n for n in names if n.endswith(".beton") or n == "manifest.json"], (names, proc.returncode, stderr)
     if sig == signal.SIGINT:  # one line: the writer runs in the process, no worker prints its traceback
         assert proc.returncode == 130 and stderr.strip().splitlines() == ["make_beton: interrupted"], stderr
         assert names == []
