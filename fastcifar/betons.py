@@ -13,7 +13,9 @@ import io
 import json
 import os
 import pickle
+import signal
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -354,6 +356,14 @@ def _in_process_writer():
             shared.close()
             shared.unlink()
 
+        def finalize(self, allocations) -> None:
+            """FFCV's finalize wraps its allocation table in a bare `except:`: a Ctrl-C landing there
+            was swallowed and the beton finished with an empty table, looking complete (seen in CI:
+            the interrupted conversion exited 0 with all four files). SIGINT is held until it returns,
+            then raised as usual, so the temporary file is removed."""
+            with _sigint_held():
+                super().finalize(allocations)
+
         def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args) -> None:
             self.num_samples = num_samples
             self.prepare()
@@ -368,6 +378,20 @@ def _in_process_writer():
             self.finalize(allocations.get())
 
     return InProcessWriter
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """Block SIGINT in this (main) thread inside the block; a Ctrl-C that came meanwhile is delivered,
+    and raised as KeyboardInterrupt, as soon as the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
