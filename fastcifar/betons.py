@@ -358,9 +358,8 @@ def _in_process_writer():
 
         def finalize(self, allocations) -> None:
             """FFCV's finalize wraps its allocation table in a bare `except:`: a Ctrl-C landing there
-            was swallowed and the beton finished with an empty table, looking complete (seen in CI:
-            the interrupted conversion exited 0 with all four files). SIGINT is held until it returns,
-            then raised as usual, so the temporary file is removed."""
+            would be swallowed and the beton finished with an empty table, looking complete. SIGINT
+            is held until it returns, then raised as usual, so the temporary file is removed."""
             with _sigint_held():
                 super().finalize(allocations)
 

@@ -220,7 +220,11 @@ def test_real_signal_mid_write_leaves_nothing_complete(tmp_path, sig):
     """A real Ctrl-C (to the process group, as a terminal sends it) or kill while train.beton is written."""
     args = [sys.executable, str(TOOL), "--source", os.environ["FASTCIFAR_CIFAR_ARCHIVE"], "--data-dir", str(tmp_path)]
     shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # SIGINT at its default in the child, as a terminal starts a foreground job: a process started with
+    # SIGINT ignored keeps ignoring it (Python then installs no KeyboardInterrupt), and a library loaded
+    # earlier in this test process may have set SIG_IGN at the C level, where signal.getsignal can't see.
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not list(tmp_path.glob(".train.beton.*.tmp")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
