@@ -165,6 +165,12 @@ def train_shard(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     return np.concatenate([order, np.resize(order, padding)])[rank::world_size]
 
 
+def rank_images(images: int, train: bool, rank: int, world_size: int) -> int:
+    """How many of a split's images this rank sees per epoch: its `train_shard` (padded: the same on
+    every rank) or its `eval_shard` (unpadded)."""
+    return -(-images // world_size) if train else len(eval_shard(images, rank, world_size))
+
+
 def eval_shard(images: int, rank: int, world_size: int) -> np.ndarray:
     """This rank's positions of a val/test split, in order and without padding: every image is scored
     by exactly one rank, and the ranks' counts and sums add up to the split's."""

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from .distributed import unwrap
+
 # After the warm-up: use compiled code where it exists, never compile. Tests swap in
 # "fail_on_recompile" to prove the warm-up covers every input of a run.
 STANCE_AFTER_WARM_UP = "eager_on_recompile"
@@ -61,7 +63,7 @@ def warm_up_model(net: nn.Module, model: nn.Module, device: torch.device, train_
             mark_step(mode)
             loss = nn.functional.cross_entropy(net(zeros(n)), torch.zeros(n, dtype=torch.int64, device=device))
             loss.backward()
-    scorer = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net  # as train.py scores
+    scorer = unwrap(net)  # as train.py scores: without DDP
     scorer.eval()
     with torch.no_grad():
         for n in eval_sizes:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..augment import Normalize, RandomCropFlip
-from ..distributed import eval_shard
+from ..distributed import eval_shard, rank_images
 from ..ffcv_threads import import_ffcv
 
 DEFAULT_BATCH_SIZE = 128
@@ -154,7 +154,7 @@ def make_loader(
     device = torch.device(device)
     total = int(Reader(str(path)).num_samples)
     shard = None if train or world_size == 1 else eval_shard(total, rank, world_size)
-    images = -(-total // world_size) if train else total if shard is None else len(shard)
+    images = rank_images(total, train, rank, world_size)
     if not train:  # one batch holds a whole eval split; FFCV allocates buffers for the full batch size
         batch_size = max(1, min(batch_size, images))
     if augment is None:

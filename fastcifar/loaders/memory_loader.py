@@ -11,7 +11,7 @@ import torch
 
 from ..augment import Normalize, RandomCropFlip
 from ..betons import read_split
-from ..distributed import eval_shard, train_shard
+from ..distributed import eval_shard, rank_images, train_shard
 
 
 class DeviceSplit:
@@ -27,7 +27,7 @@ class DeviceSplit:
         self.labels = torch.from_numpy(data["label"]).to(device)
         self.indices = torch.from_numpy(data["index"]).to(device)
         self.batch_size, self.train, self.rank, self.world_size = batch_size, train, rank, world_size
-        self.images = -(-total // world_size) if train else len(self.labels)  # this rank's, per epoch
+        self.images = rank_images(total, train, rank, world_size)  # this rank's, per epoch
         self.augment = RandomCropFlip(seed + rank, device, compile=compile_augment) if train else Normalize(device)
         self.generator = torch.Generator(device=device)  # the order's: same seed on every rank
         self.generator.manual_seed(seed)

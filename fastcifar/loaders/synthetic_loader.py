@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..distributed import eval_shard
+from ..distributed import rank_images
 
 
 class FixedBatch:
@@ -38,6 +38,5 @@ def make_loaders(data_dir: Path, device: torch.device, batch_size: int, workers:
                  compile_augment: bool, counts: dict[str, int], rank: int = 0,
                  world_size: int = 1) -> dict[str, FixedBatch]:
     """Each rank gets as many images as the real pipelines give it (train padded, val/test not)."""
-    per_rank = {split: -(-n // world_size) if split == "train" else len(eval_shard(n, rank, world_size))
-                for split, n in counts.items()}
+    per_rank = {split: rank_images(n, split == "train", rank, world_size) for split, n in counts.items()}
     return {split: FixedBatch(images, device, batch_size, seed + rank) for split, images in per_rank.items()}
