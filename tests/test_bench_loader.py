@@ -37,11 +37,29 @@ def test_isolated_and_end_to_end(small_data, tmp_path):
     assert set(data) >= {"memory", "synthetic"} and data["mode"] == "end_to_end"  # the floor is always measured
     assert data["synthetic"]["overhead_vs_synthetic"] == 0.0 and data["memory"]["ratio_to_memory"] == 1.0
     assert data["memory"]["train_images"] == 256  # 2 steps of 128
-    seconds = data["memory"]["epoch_seconds"]  # 3 interleaved epochs; the median one is reported
+    seconds = data["memory"]["epoch_seconds"]  # 3 rounds; the median epoch is reported
     assert data["memory"]["epochs_timed"] == 3 and data["memory"]["seconds"] == sorted(seconds)[1]
-    assert data["memory"]["overhead_vs_synthetic"] == pytest.approx(
-        data["memory"]["seconds"] / data["synthetic"]["seconds"] - 1)
-    cpu = data["memory"]["epoch_cpu_s"]  # the process's CPU seconds per epoch, median reported
+    # The overhead is paired by round: the mean of each round's ratio, with its interval around it.
+    per_round = [m / s - 1 for m, s in zip(seconds, data["synthetic"]["epoch_seconds"], strict=True)]
+    assert data["memory"]["overhead_vs_synthetic_per_round"] == pytest.approx(per_round)
+    assert data["memory"]["overhead_vs_synthetic"] == pytest.approx(sum(per_round) / 3)
+    low, high = data["memory"]["overhead_vs_synthetic_ci95"]
+    assert low < data["memory"]["overhead_vs_synthetic"] < high and "95 % CI" in result.stdout
+    cpu = data["memory"]["epoch_cpu_s"]  # the process's CPU seconds per epoch, paired the same way
     assert len(cpu) == 3 and all(c > 0 for c in cpu) and data["memory"]["cpu_s"] == sorted(cpu)[1]
     assert data["memory"]["cpu_overhead_vs_synthetic"] == pytest.approx(
-        data["memory"]["cpu_s"] / data["synthetic"]["cpu_s"] - 1)
+        sum(c / s for c, s in zip(cpu, data["synthetic"]["epoch_cpu_s"], strict=True)) / 3 - 1)
+
+
+def test_rounds_rotate_and_pair():
+    """Each pipeline takes every place in a round in turn; ratios are taken within a round."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_loader import paired, rotated
+
+    names = ["ffcv", "memory", "synthetic"]
+    orders = [rotated(names, i) for i in range(3)]
+    assert all(sorted(o) == names for o in orders) and {o[0] for o in orders} == set(names)
+    # A machine twice as fast in round 2 cancels out of the ratio taken within each round.
+    out = paired([11.0, 5.5, 11.0], [10.0, 5.0, 10.0], "x", -1)
+    assert out["x"] == pytest.approx(0.1) and out["x_per_round"] == pytest.approx([0.1] * 3)
+    assert out["x_ci95"] == pytest.approx([0.1, 0.1]) and paired([2.0], [1.0], "y")["y_ci95"] is None

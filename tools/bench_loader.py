@@ -2,12 +2,14 @@
 
   isolated     images/s of ready-to-train batches of the train split on the device, after a warm-up
                epoch: what each pipeline can deliver with nothing else running
-  --end-to-end one warm-up and `--repeats` timed training epochs of the spec model per pipeline, the
-               pipelines interleaved round-robin (the trainer's own loop, `--compile` as given): the
-               median epoch's seconds, images/s, data and compute time, data fraction, overhead over
-               `synthetic` (epoch / synthetic's - 1) and ratio to `memory`; and the median CPU
-               seconds the process used per epoch (all its threads; not worker processes'), the
-               pipeline's CPU cost, which a VM's drifting speed blurs less than wall time
+  --end-to-end one warm-up and `--repeats` timed training epochs of the spec model per pipeline (the
+               trainer's own loop, `--compile` as given), in rounds: each round times one epoch of
+               every pipeline, in an order rotated by one each round, so that neither a drifting
+               machine nor a place in the round favours one. Reported: the median epoch's seconds,
+               images/s, data and compute time, data fraction; the overhead over `synthetic` and the
+               ratio to `memory` *paired by round* (the mean over rounds of epoch / synthetic's epoch
+               of the same round, minus 1, with its 95 % confidence interval); and the CPU seconds the
+               process used per epoch (all its threads; not worker processes'), paired the same way
 
 Pipelines: ffcv, torch, memory, dali (when installed), and synthetic (the compute-only floor, end
 to end only). Usage: python tools/bench_loader.py --data-dir data [--end-to-end] [--loaders ffcv,torch]
@@ -31,6 +33,7 @@ from fastcifar.env import environment, set_float32_precision  # noqa: E402
 from fastcifar.model import resnetv2_20  # noqa: E402
 from fastcifar.precompile import batch_sizes, frozen, warm_up_run  # noqa: E402
 from fastcifar.profiling import StepTimer  # noqa: E402
+from fastcifar.report import describe  # noqa: E402
 from fastcifar.train import train_epoch  # noqa: E402
 from fastcifar.utils import (  # noqa: E402
     ArgumentParser,
@@ -102,6 +105,23 @@ class EndToEnd:
                 "epoch_cpu_s": [e["cpu_s"] for e in self.epochs], "epochs_timed": len(self.epochs)}
 
 
+def rotated(names: list[str], i: int) -> list[str]:
+    """Round i's order: the pipelines rotated by i, so each takes every place in the round in turn
+    (the first epoch of a round ran measurably differently from the others on a shared VM)."""
+    return names[i % len(names):] + names[:i % len(names)]
+
+
+def paired(values: list[float], base: list[float], key: str, shift: float = 0.0) -> dict:
+    """Round-by-round ratios values[i] / base[i] (the same round: the same state of the machine),
+    their mean + `shift` as `key`, its 95 % confidence interval (None with one round) and every
+    round's. Why not the ratio of medians: on a VM whose speed drifts by ±10 % over minutes, the
+    pairing removes the drift the pipelines share, and the interval says what is left."""
+    ratios = [v / b for v, b in zip(values, base, strict=True)]
+    stats = describe(ratios)
+    ci = [c + shift for c in stats["ci95"]] if stats["n"] > 1 else None
+    return {key: stats["mean"] + shift, f"{key}_ci95": ci, f"{key}_per_round": [r + shift for r in ratios]}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="bench_loader", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="betons from tools/make_beton.py")
@@ -114,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--end-to-end", action="store_true", help="time a training epoch of the spec model per pipeline")
     p.add_argument("--max-steps", type=int, default=None, help="end to end: cap each epoch (smoke runs)")
     p.add_argument("--repeats", type=int, default=1,
-                   help="end to end: timed epochs per pipeline, interleaved round-robin; the median is reported")
+                   help="end to end: rounds, each one timed epoch per pipeline (order rotated); ratios paired by round")
     p.add_argument("--seed", type=int, default=0, help="order and augmentation seed")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile the device op (and, end to end, the model), as `train --compile` does")
@@ -148,30 +168,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             with frozen():
                 results[name] = isolated(train, device, args.epochs, name)
         del loaders
-    for _ in range(args.repeats if args.end_to_end else 0):  # round-robin: drift of the machine hits all alike
-        for setup in setups.values():
-            setup.epoch()
+    for i in range(args.repeats if args.end_to_end else 0):
+        for name in rotated(list(setups), i):
+            setups[name].epoch()
     results.update({name: setup.result() for name, setup in setups.items()})
     base = "torch" if "torch" in results else None
     for r in results.values():
         if args.end_to_end:
-            r["overhead_vs_synthetic"] = r["seconds"] / results["synthetic"]["seconds"] - 1
-            r["cpu_overhead_vs_synthetic"] = r["cpu_s"] / results["synthetic"]["cpu_s"] - 1
+            r.update(paired(r["epoch_seconds"], results["synthetic"]["epoch_seconds"], "overhead_vs_synthetic", -1))
+            r.update(paired(r["epoch_cpu_s"], results["synthetic"]["epoch_cpu_s"], "cpu_overhead_vs_synthetic", -1))
             if "memory" in results:
-                r["ratio_to_memory"] = r["seconds"] / results["memory"]["seconds"]
+                r.update(paired(r["epoch_seconds"], results["memory"]["epoch_seconds"], "ratio_to_memory"))
         elif base:
             r["ratio_to_torch"] = r["images_per_s"] / results[base]["images_per_s"]
     env = environment(device, module="tools/bench_loader.py", compile=args.compile, workers=args.workers,
                       batch_size=args.batch_size)
     write_json_atomic(out, {**results, "env": env, "mode": "end_to_end" if args.end_to_end else "isolated"})
-    print(f"loader benchmark ({'end to end, one training epoch' if args.end_to_end else 'isolated'}): batch "
+    mode = f"end to end, {args.repeats} round(s) of one training epoch each" if args.end_to_end else "isolated"
+    print(f"loader benchmark ({mode}): batch "
           f"{args.batch_size}, {args.workers} workers, {device_name(device)} ({device}), "
           f"{'compiled' if args.compile else 'eager'}")
     if args.end_to_end:
         header = f"{'pipeline':<10}{'epoch s':>9}{'images/s':>10}{'data s':>8}{'compute s':>10}{'data frac':>10}" \
-                 f"{'vs synthetic':>13}{'vs memory':>10}{'CPU s':>8}{'CPU vs synth':>13}"
+                 f"{'vs synthetic':>13}{'95 % CI':>17}{'vs memory':>10}{'CPU s':>8}{'CPU vs synth':>13}"
         rows = [f"{n:<10}{r['seconds']:>9.2f}{r['images_per_s']:>10,.0f}{r['data_time_s']:>8.2f}"
                 f"{r['compute_time_s']:>10.2f}{r['data_fraction']:>10.3f}{100 * r['overhead_vs_synthetic']:>+12.1f}%"
+                + f"{_interval(r['overhead_vs_synthetic_ci95']):>17}"
                 + (f"{r['ratio_to_memory']:>9.3f}x" if "ratio_to_memory" in r else f"{'':>10}")
                 + f"{r['cpu_s']:>8.1f}{100 * r['cpu_overhead_vs_synthetic']:>+12.1f}%" for n, r in results.items()]
     else:
@@ -180,10 +202,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                          else f"{'':>10}") + f"{r['seconds_per_epoch']:>11.2f}"
                 for n, r in results.items()]
     print("\n".join([header, "-" * len(header), *rows]))
+    if args.end_to_end:
+        print(f"vs synthetic / vs memory: mean over {args.repeats} round(s) of the same round's epoch ratio; "
+              "95 % CI of that mean (needs 2+ rounds)")
     if "dali" not in available:
         print('dali: not installed (pip install -e ".[dali]")')
     print(f"written to {out}")
     return 0
+
+
+def _interval(ci: list[float] | None) -> str:
+    return "-" if ci is None else f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] %"
 
 
 if __name__ == "__main__":
