@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -111,6 +112,19 @@ def test_train_loader_shuffles_covers_everything_and_is_seeded(small_data):
     beton = read_beton(path, ("label", "index"))
     label_of = dict(zip(beton["index"].tolist(), beton["label"].tolist(), strict=True))
     assert epoch1[1].tolist() == [label_of[i] for i in epoch1[2].tolist()]
+
+
+def test_leaving_an_epoch_early_stops_ffcvs_thread(small_data):
+    """A process that exits while FFCV's thread is mid-batch aborts (exit 134): leaving an epoch
+    early must leave no loader thread running."""
+    loader = make_loader(small_data / "train.beton", CPU, batch_size=16, workers=2, train=True)
+    before = set(threading.enumerate())
+    batches = iter(loader)
+    next(batches)
+    started = set(threading.enumerate()) - before
+    assert started  # FFCV's epoch thread, prefetching
+    batches.close()  # what train_epoch does when --max-steps cuts the epoch
+    assert not any(t.is_alive() for t in started)
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])

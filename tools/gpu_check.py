@@ -5,6 +5,8 @@ failure neither hides the others nor hangs the check:
   data             DATA as a betons folder, or a CIFAR-10 archive made into betons in OUT/data
   cuda-tests       the CUDA test lane: python -m pytest -m cuda (skipped with a note without pytest)
   bench-loader     tools/bench_loader.py: images/s of each pipeline on the device
+  bench-end-to-end tools/bench_loader.py --end-to-end --repeats 5: each pipeline's training epoch,
+                   paired by round with synthetic's (the overhead and its 95 % interval)
   spec             python -m fastcifar.train --compile (the full spec run, 10 epochs)
   reduce-overhead  the same with --compile-mode reduce-overhead (CUDA graphs)
   tf32             the same with --tf32
@@ -153,6 +155,10 @@ def _load(path: Path) -> dict | None:
         return None
 
 
+def _ci(ci: list[float] | None) -> str:
+    return "-" if not ci else f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] %"
+
+
 def write_summary(out: Path, stages: dict, smoke: bool, device: str) -> Path:
     import torch
 
@@ -183,11 +189,13 @@ def write_summary(out: Path, stages: dict, smoke: bool, device: str) -> Path:
         lines.append("")
     e2e = _load(out / "bench_end_to_end.json")
     if e2e:
-        lines += ["## Loaders end to end: one training epoch of the spec model (tools/bench_loader.py --end-to-end)",
-                  "", "| pipeline | epoch s | images/s | data fraction | vs synthetic | vs memory |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += ["## Loaders end to end: training epochs of the spec model in rotated rounds "
+                  "(tools/bench_loader.py --end-to-end; median epoch, ratios paired by round)",
+                  "", "| pipeline | epoch s | images/s | data fraction | vs synthetic | 95 % CI | vs memory |",
+                  "|---|---:|---:|---:|---:|---|---:|"]
         lines += [f"| {k} | {v['seconds']:.2f} | {v['images_per_s']:,.0f} | {v['data_fraction']:.3f} | "
-                  f"{100 * v['overhead_vs_synthetic']:+.1f} % | {v.get('ratio_to_memory', float('nan')):.3f}x |"
+                  f"{100 * v['overhead_vs_synthetic']:+.1f} % | {_ci(v.get('overhead_vs_synthetic_ci95'))} | "
+                  f"{v.get('ratio_to_memory', float('nan')):.3f}x |"
                   for k, v in e2e.items() if isinstance(v, dict) and "seconds" in v]
         lines.append("")
     overhead = _load(out / "timer_overhead.json")
@@ -253,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               out, stages, args.stage_timeout)
     run_stage("bench-end-to-end", [py, "tools/bench_loader.py", "--data-dir", str(data_dir), "--device", device,
                                    "--end-to-end", "--out", str(out / "bench_end_to_end.json"),
-                                   *(["--max-steps", "2", "--no-compile"] if args.smoke else [])],
+                                   *(["--max-steps", "2", "--no-compile"] if args.smoke else ["--repeats", "5"])],
               out, stages, args.stage_timeout)
     for name, flags in VARIANTS.items():
         run_stage(name, [*train, *flags, "--run-name", name, *(SMOKE_TRAIN if args.smoke else [])],

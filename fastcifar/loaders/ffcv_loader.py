@@ -23,6 +23,7 @@ from ..ffcv_threads import import_ffcv
 
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_WORKERS = 2
+THREAD_STOP_S = 30.0  # the longest we wait for FFCV's thread to stop after leaving an epoch early
 
 
 class FlatInt64(nn.Module):
@@ -99,6 +100,11 @@ class DeviceBatches:
       may still read it. Every tensor of a batch is recorded on the consumer's current stream here,
       so a batch may be kept past the next iteration safely.
     - A dead thread: see `_wait_for_batch`.
+    - A thread left running: when the consumer leaves an epoch early (--max-steps, a break), FFCV's
+      close() only asks its thread to stop; if the process then exits, Python ends that daemon
+      thread mid-batch, unwinding its C++ frames (numba's TBB pool), which aborts the process
+      ("terminate called without an active exception", exit 134: seen at the end of
+      `bench_loader --end-to-end --max-steps` runs). So leaving an epoch waits for the thread.
     `augment` is the device op (compiled ahead by precompile.py); `images` the split's image count.
     """
 
@@ -121,7 +127,9 @@ class DeviceBatches:
                         tensor.record_stream(torch.cuda.current_stream(tensor.device))
                 yield batch
         finally:
-            epoch.close()  # stops FFCV's prefetch when the consumer leaves early
+            epoch.close()  # stops FFCV's prefetch when the consumer leaves early...
+            # ...within FFCV's 0.5 s queue timeout once its queue is full (a few batches ahead)
+            epoch.join(THREAD_STOP_S)
 
 
 def make_loader(
