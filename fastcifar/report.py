@@ -164,6 +164,11 @@ def plots(summary: dict, runs: list[dict], out: Path, reference: dict | None = N
     return paths
 
 
+def percent_interval(ci: list[float] | None) -> str:
+    """A relative 95 % interval (e.g. an overhead) in percent, "-" when there is none (one round)."""
+    return "-" if not ci else f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] %"
+
+
 def _fmt(key: str, value: float) -> str:
     if key.endswith("accuracy"):
         return f"{100 * value:.2f} %"

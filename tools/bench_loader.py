@@ -33,7 +33,7 @@ from fastcifar.env import environment, set_float32_precision  # noqa: E402
 from fastcifar.model import resnetv2_20  # noqa: E402
 from fastcifar.precompile import batch_sizes, frozen, warm_up_run  # noqa: E402
 from fastcifar.profiling import StepTimer  # noqa: E402
-from fastcifar.report import describe  # noqa: E402
+from fastcifar.report import describe, percent_interval  # noqa: E402
 from fastcifar.train import train_epoch  # noqa: E402
 from fastcifar.utils import (  # noqa: E402
     ArgumentParser,
@@ -107,7 +107,7 @@ class EndToEnd:
 
 def rotated(names: list[str], i: int) -> list[str]:
     """Round i's order: the pipelines rotated by i, so each takes every place in the round in turn
-    (the first epoch of a round ran measurably differently from the others on a shared VM)."""
+    (no pipeline always runs first, or always right after the same one)."""
     return names[i % len(names):] + names[:i % len(names)]
 
 
@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  f"{'vs synthetic':>13}{'95 % CI':>17}{'vs memory':>10}{'CPU s':>8}{'CPU vs synth':>13}"
         rows = [f"{n:<10}{r['seconds']:>9.2f}{r['images_per_s']:>10,.0f}{r['data_time_s']:>8.2f}"
                 f"{r['compute_time_s']:>10.2f}{r['data_fraction']:>10.3f}{100 * r['overhead_vs_synthetic']:>+12.1f}%"
-                + f"{_interval(r['overhead_vs_synthetic_ci95']):>17}"
+                + f"{percent_interval(r['overhead_vs_synthetic_ci95']):>17}"
                 + (f"{r['ratio_to_memory']:>9.3f}x" if "ratio_to_memory" in r else f"{'':>10}")
                 + f"{r['cpu_s']:>8.1f}{100 * r['cpu_overhead_vs_synthetic']:>+12.1f}%" for n, r in results.items()]
     else:
@@ -209,10 +209,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print('dali: not installed (pip install -e ".[dali]")')
     print(f"written to {out}")
     return 0
-
-
-def _interval(ci: list[float] | None) -> str:
-    return "-" if ci is None else f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] %"
 
 
 if __name__ == "__main__":

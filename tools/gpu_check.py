@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fastcifar.report import percent_interval  # noqa: E402
 from fastcifar.utils import ArgumentParser, UserError, atomic_path, run_cli, write_json_atomic  # noqa: E402
 
 VARIANTS = {  # name -> extra trainer flags; every variant is the spec run with --compile
@@ -155,10 +156,6 @@ def _load(path: Path) -> dict | None:
         return None
 
 
-def _ci(ci: list[float] | None) -> str:
-    return "-" if not ci else f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] %"
-
-
 def write_summary(out: Path, stages: dict, smoke: bool, device: str) -> Path:
     import torch
 
@@ -189,12 +186,14 @@ def write_summary(out: Path, stages: dict, smoke: bool, device: str) -> Path:
         lines.append("")
     e2e = _load(out / "bench_end_to_end.json")
     if e2e:
+
         lines += ["## Loaders end to end: training epochs of the spec model in rotated rounds "
                   "(tools/bench_loader.py --end-to-end; median epoch, ratios paired by round)",
                   "", "| pipeline | epoch s | images/s | data fraction | vs synthetic | 95 % CI | vs memory |",
                   "|---|---:|---:|---:|---:|---|---:|"]
         lines += [f"| {k} | {v['seconds']:.2f} | {v['images_per_s']:,.0f} | {v['data_fraction']:.3f} | "
-                  f"{100 * v['overhead_vs_synthetic']:+.1f} % | {_ci(v.get('overhead_vs_synthetic_ci95'))} | "
+                  f"{100 * v['overhead_vs_synthetic']:+.1f} % | "
+                  f"{percent_interval(v.get('overhead_vs_synthetic_ci95'))} | "
                   f"{v.get('ratio_to_memory', float('nan')):.3f}x |"
                   for k, v in e2e.items() if isinstance(v, dict) and "seconds" in v]
         lines.append("")
