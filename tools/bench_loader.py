@@ -154,6 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         names.append("synthetic")
     out = args.out or Path("results") / ("bench_end_to_end.json" if args.end_to_end else "bench_loader.json")
 
+    # The code and machine as they are at the start (a run takes minutes; a commit meanwhile is not it).
+    env = environment(device, module="tools/bench_loader.py", compile=args.compile, workers=args.workers,
+                      batch_size=args.batch_size)
     results: dict = {}
     setups: dict[str, EndToEnd] = {}
     for name in names:
@@ -181,8 +184,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 r.update(paired(r["epoch_seconds"], results["memory"]["epoch_seconds"], "ratio_to_memory"))
         elif base:
             r["ratio_to_torch"] = r["images_per_s"] / results[base]["images_per_s"]
-    env = environment(device, module="tools/bench_loader.py", compile=args.compile, workers=args.workers,
-                      batch_size=args.batch_size)
     write_json_atomic(out, {**results, "env": env, "mode": "end_to_end" if args.end_to_end else "isolated"})
     mode = f"end to end, {args.repeats} round(s) of one training epoch each" if args.end_to_end else "isolated"
     print(f"loader benchmark ({mode}): batch "
