@@ -51,9 +51,9 @@ def test_isolated_and_end_to_end(small_data, tmp_path):
         sum(c / s for c, s in zip(cpu, data["synthetic"]["epoch_cpu_s"], strict=True)) / 3 - 1)
 
 
-def test_rounds_rotate_and_pair():
+def test_rounds_rotate_and_pair(monkeypatch):
     """Each pipeline takes every place in a round in turn; ratios are taken within a round."""
-    sys.path.insert(0, str(ROOT / "tools"))
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))  # undone after the test: no tool shadows a module later
     from bench_loader import paired, rotated
 
     names = ["ffcv", "memory", "synthetic"]
