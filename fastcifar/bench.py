@@ -38,12 +38,16 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p.add_argument("--loaders", default="ffcv", help=f"comma-separated, from {', '.join(LOADERS)}")
     p.add_argument("--name", default="default", help="the benchmark's folder name under --root")
     p.add_argument("--root", type=Path, default=Path("results/bench"), help="where benchmarks live")
-    p.add_argument("--shard", default="0/1", metavar="I/N", help="run only the jobs whose position is I mod N")
+    p.add_argument("--shard", default="0/1", metavar="I/N|auto",
+                   help="run only the jobs whose position is I mod N; auto: I and N of a SLURM job array "
+                        "(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, SLURM_ARRAY_TASK_COUNT)")
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild summary, report and plots")
     p.add_argument("--export", choices=["wat"], default=None, help="also write each run in the benchmark's format")
     p.add_argument("--reference", type=Path, default=None,
                    help="JSON with the same metric names (e.g. docs/reference-pytorch.json), shown beside ours")
     args, trainer = p.parse_known_args(argv)
+    if args.shard == "auto":
+        args.shard = shard_from_env(os.environ)
     try:
         args.shard_index, args.shard_count = (int(v) for v in args.shard.split("/"))
         assert 0 <= args.shard_index < args.shard_count
@@ -65,6 +69,26 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         if any(a == flag or a.startswith(flag + "=") for a in trainer):
             raise UserError(f"{flag} is set by the benchmark for each run; use --seeds/--seed-list, --loaders, --name")
     return args, trainer
+
+
+def shard_from_env(environ) -> str:
+    """'I/N' of a SLURM job array: the task's place in the array (IDs may start at any
+    SLURM_ARRAY_TASK_MIN, e.g. --array=1-4) and the number of tasks; the job script needs no arithmetic."""
+    names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
+    missing = [name for name in names if name not in environ]
+    if missing:
+        raise UserError(f"--shard auto needs a SLURM job array ({', '.join(missing)} not set): "
+                        "run it under sbatch --array, or pass --shard I/N")
+    try:
+        task, count = int(environ[names[0]]), int(environ[names[1]])
+        first = int(environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+    except ValueError:
+        raise UserError(f"--shard auto: {names[0]}, {names[1]} and SLURM_ARRAY_TASK_MIN must be integers") from None
+    step = int(environ.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
+    if step != 1:
+        raise UserError(f"--shard auto needs an array of consecutive IDs (SLURM_ARRAY_TASK_STEP={step}): "
+                        "pass --shard I/N")
+    return f"{task - first}/{count}"
 
 
 def recipe_of(trainer: list[str]) -> dict:
@@ -158,5 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
     run_cli(main, "fastcifar.bench")
+
+
+if __name__ == "__main__":
+    cli()

@@ -33,6 +33,7 @@ from .utils import (
     UserError,
     atomic_path,
     file_digests,
+    first_line,
     run_cli,
     sha256_file,
     write_json_atomic,
@@ -143,6 +144,16 @@ def _batch_folder(root: Path) -> Path:
     return root / BATCH_DIR if (root / BATCH_DIR).is_dir() else root
 
 
+@contextlib.contextmanager
+def _reading(path: Path):
+    """An OSError while reading `path` (EIO, EACCES) as one line naming the file (the one the error
+    names, else `path`: a read() error carries no file name of its own)."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(f"cannot read {err.filename or path}: {err.strerror or first_line(err)}") from None
+
+
 def _read_members_from_dir(root: Path) -> dict[str, bytes]:
     folder = _batch_folder(root)
     out = {}
@@ -152,7 +163,8 @@ def _read_members_from_dir(root: Path) -> dict[str, bytes]:
             raise UserError(f"{folder} has no {name} (expected an extracted {BATCH_DIR} folder)")
         if path.stat().st_size > MAX_MEMBER_BYTES:
             raise UserError(f"{path} is {path.stat().st_size:,} bytes: larger than any CIFAR-10 batch")
-        out[name] = path.read_bytes()
+        with _reading(path):
+            out[name] = path.read_bytes()
     return out
 
 
@@ -222,7 +234,7 @@ def load_cifar(source: Path, expect_counts: tuple[int, int] = (50_000, 10_000)) 
     try:
         raw = _read_members_from_dir(source) if source.is_dir() else _read_members_from_tar(source)
     except OSError as err:  # unreadable file, I/O error: the source's fault, said in one line
-        raise UserError(f"cannot read {err.filename or source}: {err.strerror or err}") from None
+        raise UserError(f"cannot read {err.filename or source}: {err.strerror or first_line(err)}") from None
     train = [_parse_batch(n, raw[n]) for n in TRAIN_BATCHES]
     test_x, test_y = _parse_batch(TEST_BATCH, raw[TEST_BATCH])
     train_x = np.concatenate([x for x, _ in train])
@@ -239,9 +251,11 @@ def source_digests(source: Path) -> tuple[str, str]:
     """(md5, sha256) of an archive, or of the batch files (in fixed order) of an extracted folder."""
     source = Path(source)
     if source.is_file():
-        return file_digests(source)
+        with _reading(source):
+            return file_digests(source)
     folder = _batch_folder(source)
-    return file_digests(*(p for n in [*TRAIN_BATCHES, TEST_BATCH] if (p := folder / n).is_file()))
+    with _reading(folder):
+        return file_digests(*(p for n in [*TRAIN_BATCHES, TEST_BATCH] if (p := folder / n).is_file()))
 
 
 def download_official(data_dir: Path) -> Path:
@@ -496,6 +510,58 @@ def read_split(path: Path) -> dict[str, np.ndarray]:
             "index": np.array(column["index"], dtype=np.int64)}
 
 
+IMAGE_BYTES = 32 * 32 * 3
+FIELDS = ["image", "label", "index"]
+
+
+def structure_problem(beton: Path) -> str | None:
+    """Why a beton's structure is not one make_beton writes (None when it is), from its header, metadata
+    and allocation table alone (plain numpy, no JIT, milliseconds): FFCV's numba readers check no
+    bounds, so a table or pointer aimed outside the file would read memory out of bounds or pixels
+    that are not the image's. Checked: the fields are image/label/index; the header's sample count is
+    the metadata table's length; the allocation table lies at the end of the file; every sample's
+    image is one raw 32x32 allocation of its own, inside the data region."""
+    import_ffcv()
+    from ffcv.reader import Reader
+    from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
+
+    size = Path(beton).stat().st_size
+    try:
+        reader = Reader(str(beton))
+    except Exception as err:  # whatever a damaged header does to FFCV's reader
+        return f"{beton} is not a readable beton ({type(err).__name__})"
+    n = int(reader.num_samples)
+    page = int(reader.page_size)
+    if reader.field_names != FIELDS:
+        return f"{beton} has the fields {reader.field_names}, not {FIELDS} (rebuild it with make_beton)"
+    if len(reader.metadata) != n:
+        return f"{beton}: its header says {n} samples, its metadata table holds {len(reader.metadata)}"
+    if n < 1 or page < 1 or page & (page - 1):
+        return f"{beton}: {n} samples in pages of {page} bytes (need >= 1 sample, pages a power of two)"
+    data_start = HeaderType.itemsize + reader.field_descriptors.nbytes + reader.metadata.nbytes
+    table_at = int(reader.header["alloc_table_ptr"])
+    table = reader.alloc_table
+    if not data_start <= table_at <= size or table_at + table.nbytes != size or len(table) != n:
+        return (f"{beton}: its allocation table ({len(table)} entries at byte {table_at}, "
+                f"{ALLOC_TABLE_TYPE.itemsize} bytes each) does not fill the end of the file ({size} bytes) "
+                f"with one entry per sample ({n})")
+    ptr, length, sample = (table[k].astype(np.int64) for k in ("ptr", "size", "sample_id"))
+    outside = np.flatnonzero((ptr < data_start) | (ptr + length > table_at) | (length != IMAGE_BYTES))
+    if outside.size:
+        i = outside[0]
+        return (f"{beton}: allocation {i} ({length[i]} bytes at byte {ptr[i]}) is not one image inside the data "
+                f"region (bytes {data_start}-{table_at})")
+    if not np.array_equal(np.sort(sample), np.arange(n)):
+        return f"{beton}: its allocation table does not hold exactly one allocation per sample"
+    image = reader.metadata["f0"]
+    expected = np.empty(n, dtype=np.int64)
+    expected[sample] = ptr
+    wrong = np.flatnonzero(image["data_ptr"].astype(np.int64) != expected)
+    if wrong.size:
+        return f"{beton}: sample {wrong[0]}'s image pointer ({image['data_ptr'][wrong[0]]}) is not its allocation"
+    return None
+
+
 def labels_problem(beton: Path, images: int) -> str | None:
     """Why a beton's label column is unusable (None when it is fine): read from its metadata table
     with FFCV's Reader (plain numpy, no JIT, milliseconds), so a label outside 0-9 is refused at
@@ -517,7 +583,8 @@ def manifest_problem(data_dir: Path, check_hashes: bool = True) -> str | None:
 
     Sizes are always compared; sha256 only when check_hashes (0.5-0.8 s for the full 210 MB set on
     the 2-core Intel Xeon dev machine): a same-size beton from another split seed, or with changed
-    pixels, differs only there. Then each beton's labels are checked (`labels_problem`).
+    pixels, differs only there. Then each beton's structure (`structure_problem`: a hash proves a
+    file unchanged, not safe to read) and labels (`labels_problem`) are checked.
     """
     manifest_path = Path(data_dir) / MANIFEST
     if not manifest_path.is_file():
@@ -537,7 +604,8 @@ def manifest_problem(data_dir: Path, check_hashes: bool = True) -> str | None:
             return f"{beton} does not match {manifest_path} (stale or modified)"
     if check_hashes:
         for split in SPLITS:
-            problem = labels_problem(Path(data_dir) / f"{split}.beton", manifest["splits"][split]["images"])
+            beton = Path(data_dir) / f"{split}.beton"
+            problem = structure_problem(beton) or labels_problem(beton, manifest["splits"][split]["images"])
             if problem:
                 return problem
     return None
@@ -565,6 +633,9 @@ def build(
         raise UserError(f"--split-seed must be >= 0, got {seed}")
     if val_per_class < 1:
         raise UserError("--val-per-class must be at least 1")
+    if min(expect_counts) < 1:
+        raise UserError(f"--expect-counts {expect_counts[0]},{expect_counts[1]}: every split needs images "
+                        "(FFCV cannot write a beton of none)")
     data_dir = Path(data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)

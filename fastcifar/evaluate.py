@@ -52,5 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
     run_cli(main, "fastcifar.evaluate")
+
+
+if __name__ == "__main__":
+    cli()

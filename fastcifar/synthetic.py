@@ -1,14 +1,20 @@
-"""Small CIFAR-10 archives in the exact official layout, with random pixels: what the tests and
-`tools/gpu_check.py --smoke` train on, so neither needs the real data set."""
+"""CIFAR-10 archives in the exact official layout, with seeded random pixels and labels: what the
+tests and `gpu_check --smoke` train on, so neither needs the real data set. Also a command, for a
+machine without the data (an offline GPU box, a first try of an installed fastcifar):
+`python -m fastcifar.synthetic OUT.tar.gz` writes a full-size one (50,000 + 10,000 images); betons of
+it load and train at CIFAR's speed (raw pixels of the same size), at chance accuracy."""
 
 from __future__ import annotations
 
 import io
 import pickle
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from .utils import ArgumentParser, UserError, atomic_path, run_cli
 
 LABEL_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
 
@@ -41,3 +47,25 @@ def write_archive(path: Path, batches: dict[str, dict], skip: tuple[str, ...] = 
             info.size = len(raw)
             tar.addfile(info, io.BytesIO(raw))
     return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = ArgumentParser(prog="fastcifar.synthetic", description="Write a CIFAR-10 python archive of random images.")
+    p.add_argument("out", type=Path, help="the .tar.gz to write (convert it with make_beton --source OUT)")
+    p.add_argument("--per-batch", type=int, default=10_000, help="images in each of the five training batches")
+    p.add_argument("--n-test", type=int, default=10_000, help="images in the test batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pixels and labels")
+    args = p.parse_args(argv)
+    if args.per_batch < 10 or args.n_test < 1 or args.seed < 0:
+        raise UserError("--per-batch must be >= 10 (a validation image of every class), --n-test >= 1, --seed >= 0")
+    if not args.out.parent.is_dir():
+        raise UserError(f"no such folder: {args.out.parent}")
+    with atomic_path(args.out) as tmp:
+        write_archive(tmp, make_batches(args.per_batch, args.n_test, args.seed))
+    print(f"wrote {args.out}: {5 * args.per_batch:,} training and {args.n_test:,} test images of random pixels "
+          f"(convert: make_beton --source {args.out} --expect-counts {5 * args.per_batch},{args.n_test})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main, "fastcifar.synthetic")

@@ -66,10 +66,15 @@ def file_digests(*paths: Path, chunk: int = 1 << 20) -> tuple[str, str]:
     """(md5, sha256) of one file, or of several read one after another in the given order; read once."""
     md5, sha = hashlib.md5(), hashlib.sha256()
     for path in paths:
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                md5.update(block)
-                sha.update(block)
+        try:
+            with open(path, "rb") as f:
+                while block := f.read(chunk):
+                    md5.update(block)
+                    sha.update(block)
+        except OSError as err:
+            if err.filename is None:  # a read() error (EIO) names no file: name the one being read
+                raise OSError(err.errno, err.strerror, str(path)) from err
+            raise
     return md5.hexdigest(), sha.hexdigest()
 
 

@@ -4,6 +4,7 @@ once per session from them (importing ffcv and JIT-compiling a Loader are the sl
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,25 @@ from fastcifar.synthetic import write_archive  # noqa: F401  (re-exported for th
 PIXEL_ROW, PIXEL_COL, PIXEL_RGB = 3, 7, (11, 22, 33)
 SMALL = dict(per_batch=100, n_test=110, val_per_class=5)  # 500 train -> 450 + 50; 110 test
 SMALL_COUNTS = "500,110"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1, chosen below the kernel's ephemeral range. A port from bind(0)
+    lies inside that range, from which the kernel also hands ports to every outgoing connection, so
+    it can be taken before the server binds it; one below it only by an explicit bind."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32_768
+    start = 10_000 + os.getpid() % max(1, low - 11_000)  # spread concurrent test runs apart
+    for port in [*range(start, low), *range(10_000, start)]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port below {low}")
 
 
 def make_batches(per_batch: int = 100, n_test: int = 110, seed: int = 0) -> dict[str, dict]:

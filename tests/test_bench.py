@@ -18,12 +18,13 @@ WAT_KEYS = {"model_name", "framework_name", "dataset", "task", "total_training_t
             "average_batch_inference_time", "final_training_loss", "final_evaluation_accuracy", "final_test_accuracy"}
 
 
-def bench(root: Path, small_data: Path, *args: str) -> subprocess.CompletedProcess:
+def bench(root: Path, small_data: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "fastcifar.bench", "--root", str(root), "--name", "t", "--seeds", "2",
          "--loaders", "memory,torch", *args, "--data-dir", str(small_data), "--device", "cpu", "--epochs", "2",
          "--max-steps-per-epoch", "2"],
-        capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
 def ran(result: subprocess.CompletedProcess) -> list[str]:
@@ -33,10 +34,12 @@ def ran(result: subprocess.CompletedProcess) -> list[str]:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, small_data) -> Path:
-    """Two shards of one 2-loader x 2-seed benchmark, run one after the other."""
+    """Two shards of one 2-loader x 2-seed benchmark, run one after the other; the second as task 2 of
+    a SLURM array --array=1-2 (--shard auto)."""
     root = tmp_path_factory.mktemp("bench")
     first = bench(root, small_data, "--shard", "0/2")
-    second = bench(root, small_data, "--shard", "1/2", "--export", "wat")
+    slurm = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "1"}
+    second = bench(root, small_data, "--shard", "auto", "--export", "wat", env=slurm)
     assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
     # positions 0..3 are (memory, 0), (memory, 1), (torch, 0), (torch, 1): each shard ran its own, once
     assert ran(first) == ["memory-seed0", "torch-seed0"] and ran(second) == ["memory-seed1", "torch-seed1"]
@@ -89,3 +92,24 @@ def test_resume_runs_only_what_is_missing_and_other_recipes_are_refused(finished
     other = bench(root, small_data, "--lr", "0.01")
     lines = other.stderr.strip().splitlines()
     assert other.returncode == 2 and len(lines) == 1 and "another recipe (differing: lr)" in lines[0]
+
+
+def test_shard_auto_reads_a_slurm_array_and_refuses_without_one():
+    from fastcifar.bench import shard_from_env
+    from fastcifar.utils import UserError
+
+    assert shard_from_env({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "4"}) == "0/4"
+    assert shard_from_env({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "4",
+                           "SLURM_ARRAY_TASK_MIN": "4"}) == "3/4"
+    for env, message in [({}, "needs a SLURM job array"), ({"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "2"},
+                                                           "must be integers"),
+                         ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_STEP": "2"},
+                          "consecutive")]:
+        with pytest.raises(UserError, match=message):
+            shard_from_env(env)
+    result = subprocess.run([sys.executable, "-m", "fastcifar.bench", "--shard", "auto"], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "fastcifar.bench: error: --shard auto needs a SLURM job array (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT "
+        "not set): run it under sbatch --array, or pass --shard I/N"]

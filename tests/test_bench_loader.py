@@ -1,4 +1,5 @@
-"""tools/bench_loader.py: the isolated and the end-to-end tables, from `make_loaders` alone."""
+"""fastcifar.bench_loader (tools/bench_loader.py in a checkout): the isolated and the end-to-end tables,
+from `make_loaders` alone."""
 
 from __future__ import annotations
 
@@ -51,10 +52,9 @@ def test_isolated_and_end_to_end(small_data, tmp_path):
         sum(c / s for c, s in zip(cpu, data["synthetic"]["epoch_cpu_s"], strict=True)) / 3 - 1)
 
 
-def test_rounds_rotate_and_pair(monkeypatch):
+def test_rounds_rotate_and_pair():
     """Each pipeline takes every place in a round in turn; ratios are taken within a round."""
-    monkeypatch.syspath_prepend(str(ROOT / "tools"))  # undone after the test: no tool shadows a module later
-    from bench_loader import paired, rotated
+    from fastcifar.bench_loader import paired, rotated
 
     names = ["ffcv", "memory", "synthetic"]
     orders = [rotated(names, i) for i in range(3)]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL, SMALL_COUNTS, build_small, write_archive
+from conftest import SMALL, SMALL_COUNTS, build_small, make_batches, write_archive
 
 from fastcifar import betons
 from fastcifar.data import read_beton
@@ -183,6 +183,98 @@ def test_a_beton_with_a_label_outside_0_9_is_refused(tmp_path, small_data):
     result = run([sys.executable, "-m", "fastcifar.evaluate", "--weights", str(weights), "--data-dir", str(data),
                      "--device", "cpu"])
     one_line(result, "holds label 12")
+
+
+def vouch_for(data: Path, split: str) -> None:
+    """Rewrite the manifest's hash and size of one beton to match it, as an attacker would."""
+    manifest = json.loads((data / "manifest.json").read_text())
+    beton = data / f"{split}.beton"
+    manifest["splits"][split].update(sha256=betons.sha256_file(beton), bytes=beton.stat().st_size)
+    (data / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _tables(beton: Path):
+    """The beton's header, its image column's pointers and its allocation table, writable in place."""
+    from ffcv.reader import Reader
+    from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
+
+    reader = Reader(str(beton))
+    header = np.memmap(beton, dtype=HeaderType, mode="r+", shape=(1,))
+    meta = np.memmap(beton, dtype=reader.metadata_type, mode="r+", shape=(len(reader.metadata),),
+                     offset=HeaderType.itemsize + reader.field_descriptors.nbytes)
+    table = np.memmap(beton, dtype=ALLOC_TABLE_TYPE, mode="r+", shape=(len(reader.alloc_table),),
+                      offset=int(reader.header["alloc_table_ptr"]))
+    return header, meta["f0"], table
+
+
+def _outside(beton: Path) -> None:  # sample 2's image, table entry and pointer alike, past the end
+    _, image, table = _tables(beton)
+    end = beton.stat().st_size + 4096
+    image["data_ptr"][2] = end
+    table["ptr"][np.flatnonzero(table["sample_id"] == 2)[0]] = end
+
+
+def _header_count(beton: Path) -> None:
+    header, _, _ = _tables(beton)
+    header["num_samples"][0] += 1
+
+
+def _another_image(beton: Path) -> None:  # inside the file, but sample 1's pixels
+    _, image, _ = _tables(beton)
+    image["data_ptr"][0] = image["data_ptr"][1]
+
+
+def _table_moved(beton: Path) -> None:
+    header, _, _ = _tables(beton)
+    header["alloc_table_ptr"][0] = 10
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_outside, "is not one image inside the data region"),
+    (_header_count, "allocation table"),
+    (_another_image, "image pointer"),
+    (_table_moved, "does not fill the end of the file"),
+], ids=["pointer-outside", "header-count", "pointer-to-another-image", "table-moved"])
+def test_a_beton_read_out_of_bounds_is_refused_even_when_the_manifest_vouches(tmp_path, small_data, damage, message):
+    """FFCV's readers check no bounds: a beton's structure is checked before any of it is read."""
+    data = copy_betons(small_data, tmp_path / "damaged")
+    damage(data / "test.beton")
+    vouch_for(data, "test")
+    problem = betons.structure_problem(data / "test.beton")
+    assert problem is not None and message in problem, problem
+    if damage is _outside:  # the trainer says so in one line before any work
+        result = run([sys.executable, "-m", "fastcifar.train", "--data-dir", str(data), "--device", "cpu"])
+        one_line(result, message)
+        assert "make_beton.py --data-dir" in result.stderr
+
+
+def test_an_empty_split_is_refused_up_front(tmp_path):
+    archive = write_archive(tmp_path / "no-test.tar.gz", make_batches(per_batch=200, n_test=0))
+    result = make_beton("--source", str(archive), "--data-dir", str(tmp_path / "d"), "--expect-counts", "1000,0",
+                        "--val-per-class", "5")
+    one_line(result, "every split needs images")
+    assert not (tmp_path / "d").exists() or list((tmp_path / "d").iterdir()) == []
+
+
+def test_an_unreadable_member_of_a_source_folder_is_named(tmp_path, small_archive, monkeypatch):
+    """A read() that fails with EIO names no file of its own: the one line must name it."""
+    with tarfile.open(small_archive) as tar:
+        tar.extractall(tmp_path, filter="data")
+    real_open = open
+
+    class FailingRead(io.FileIO):
+        def readinto(self, buffer):
+            raise OSError(5, "Input/output error")
+
+    def failing_open(path, mode="r", *args, **kwargs):
+        if Path(path).name == "data_batch_3" and "b" in mode:
+            return io.BufferedReader(FailingRead(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("fastcifar.utils.open", failing_open, raising=False)
+    with pytest.raises(UserError, match="cannot read .*data_batch_3: Input/output error"):
+        betons.main(["--source", str(tmp_path / "cifar-10-batches-py"), "--data-dir", str(tmp_path / "d"),
+                     *SMALL_FLAGS])
 
 
 # ---------------------------------------------------------------------------------------------

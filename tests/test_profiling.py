@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from torch.autograd.profiler import record_function
 
 from fastcifar.augment import RandomCropFlip
@@ -86,12 +86,6 @@ def test_rewrite_keeps_every_event_and_relabels_annotations(tmp_path):
     assert names[DATA_RANGE] == "cpu_op" and names[FORWARD_RANGE] == "cpu_op"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str):
     with urllib.request.urlopen(url, timeout=30) as response:
         return json.loads(response.read())
@@ -128,7 +122,7 @@ def test_profile_run_writes_trace_scalars_and_split(profiled_run):
 
 def test_tensorboard_profiler_plugin_shows_dataloader_time(profiled_run):
     _, profiles = profiled_run
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(profiles), "--host", "127.0.0.1",
          "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

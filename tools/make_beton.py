@@ -1,4 +1,5 @@
-"""Convert the CIFAR-10 python archive into train/val/test FFCV betons (see README)."""
+"""Convert the CIFAR-10 python archive into train/val/test FFCV betons, from a checkout (see README);
+an installed fastcifar runs the same as `python -m fastcifar.make_beton` or `fastcifar-make-beton`."""
 
 import sys
 from pathlib import Path

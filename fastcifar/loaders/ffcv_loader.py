@@ -10,7 +10,9 @@ What runs where:
 
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,6 +92,28 @@ def _wait_for_batch(epoch_iterator, poll_s: float = 1.0) -> None:
             queue.not_empty.wait(poll_s)  # Queue.get's own wait; _qsize because the lock is held
 
 
+# Every FFCV epoch thread started through DeviceBatches and not yet joined.
+_live_epochs: weakref.WeakSet = weakref.WeakSet()
+
+
+def _stop(epoch) -> None:
+    """Ask FFCV's epoch thread to stop and wait for it: close() alone only asks. Within FFCV's 0.5 s
+    queue timeout once its queue is full (a few batches ahead)."""
+    epoch.close()
+    epoch.join(THREAD_STOP_S)
+    _live_epochs.discard(epoch)
+
+
+@atexit.register
+def _stop_live_epochs() -> None:
+    """At interpreter exit, stop the epochs nobody closed: `it = iter(loader); next(it)` at the end of a
+    script (or a notebook's kernel shutting down) leaves its generator unfinished, and Python would
+    end FFCV's daemon thread mid-batch, unwinding numba's C++ frames: exit 134 ("terminate called
+    without an active exception"). atexit runs before daemon threads are torn down."""
+    for epoch in list(_live_epochs):
+        _stop(epoch)
+
+
 class DeviceBatches:
     """What `make_loader` returns: an iterable with len() over (images, labels, indices) on the device.
 
@@ -104,7 +128,8 @@ class DeviceBatches:
       close() only asks its thread to stop; if the process then exits, Python ends that daemon
       thread mid-batch, unwinding its C++ frames (numba's TBB pool), which aborts the process
       ("terminate called without an active exception", exit 134: seen at the end of
-      `bench_loader --end-to-end --max-steps` runs). So leaving an epoch waits for the thread.
+      `bench_loader --end-to-end --max-steps` runs). So leaving an epoch waits for the thread, and
+      an epoch never left (a generator not closed) is stopped at interpreter exit.
     `augment` is the device op (compiled ahead by precompile.py); `images` the split's image count.
     """
 
@@ -116,6 +141,7 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         epoch = iter(self.loader)
+        _live_epochs.add(epoch)
         try:
             while True:
                 _wait_for_batch(epoch)
@@ -127,9 +153,7 @@ class DeviceBatches:
                         tensor.record_stream(torch.cuda.current_stream(tensor.device))
                 yield batch
         finally:
-            epoch.close()  # stops FFCV's prefetch when the consumer leaves early...
-            # ...within FFCV's 0.5 s queue timeout once its queue is full (a few batches ahead)
-            epoch.join(THREAD_STOP_S)
+            _stop(epoch)  # stops FFCV's prefetch when the consumer leaves early
 
 
 def make_loader(
