@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vs synthetic / vs memory: mean over {args.repeats} round(s) of the same round's epoch ratio; "
               "95 % CI of that mean (needs 2+ rounds)")
     if "dali" not in available:
-        print('dali: not installed (pip install -e ".[dali]")')
+        print('dali: not installed (pip install "fastcifar[dali]", or pip install -e ".[dali]" in a checkout)')
     print(f"written to {out}")
     return 0
 

@@ -248,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     loaders = make_loaders(args.data_dir, device, batch_size, args.workers, args.seed,
                            compile_augment=args.compile, loader=args.loader, rank=ranks.rank,
                            world_size=ranks.world_size)
+    if hasattr(loaders["train"], "transforms"):  # --loader torch: torchvision's, or the plain-torch fallback
+        env["torch_transforms"] = loaders["train"].transforms
+        say(f"note: --loader torch runs {env['torch_transforms']} transforms", flush=True)
     if args.loader == "synthetic":
         say("note: --loader synthetic feeds one fixed random batch: it measures the compute-only floor "
             "and trains nothing meaningful (its accuracies are chance)", flush=True)

@@ -99,7 +99,7 @@ def test_unknown_loader_and_missing_dali(small_data, monkeypatch):
         make_loaders(small_data, CPU, loader="nope")
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if not installed
     monkeypatch.setitem(sys.modules, "nvidia.dali.fn", None)
-    with pytest.raises(UserError, match=r'--loader dali needs NVIDIA DALI.*pip install -e "\.\[dali\]"'):
+    with pytest.raises(UserError, match=r'--loader dali needs NVIDIA DALI.*pip install "fastcifar\[dali\]"'):
         make_loaders(small_data, CPU, loader="dali")
 
 
@@ -116,3 +116,5 @@ def test_trainer_runs_every_loader(small_data, tmp_path, loader):
     assert results["config"]["loader"] == loader and results["env"]["loader"] == loader
     assert f"[{loader}] epoch  1/1" in result.stdout and results["epochs"][0]["train_images"] == 256
     assert ("trains nothing meaningful" in result.stdout) == (loader == "synthetic")
+    # the torch pipeline names the transforms that ran (torchvision's, or the plain-torch fallback)
+    assert (results["env"].get("torch_transforms") in ("torchvision", "plain torch")) == (loader == "torch")

@@ -1,6 +1,6 @@
 """The `dali` pipeline: NVIDIA DALI over the same uint8 images, with its fused operators, on the GPU
 when the device is CUDA and as a CPU-only pipeline (`device_id=None`) otherwise, wrapped for
-PyTorch with DALI's own iterator. An optional extra: `pip install -e ".[dali]"`.
+PyTorch with DALI's own iterator. An optional extra: `pip install "fastcifar[dali]"` (`-e ".[dali]"` in a checkout).
 
 The spec's augmentation in DALI's terms: `crop_mirror_normalize` anchors its crop window inside the
 image, so a 32x32 crop of a 32x32 image never moves. So: normalise first (float, HWC), then `slice`
@@ -22,7 +22,7 @@ from ..betons import read_split
 from ..distributed import eval_shard, train_shard
 from ..utils import UserError
 
-INSTALL = 'pip install -e ".[dali]"  (NVIDIA DALI, package nvidia-dali-cuda120)'
+INSTALL = 'pip install "fastcifar[dali]" (or -e ".[dali]" in a checkout; NVIDIA DALI, nvidia-dali-cuda120)'
 
 
 def _dali():

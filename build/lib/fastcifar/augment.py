@@ -1,0 +1,155 @@
+"""Batched on-device augmentation: the last stage of the FFCV pipeline, after `ToDevice`.
+
+Why one module and not per-image transforms: a batch of 128 CIFAR images is a single small tensor
+on the device, so normalise + pad + crop + flip become one gather with no Python loop per image and
+no trip back to the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 (x / 255 - mean) / std: the spec's order of operations, so results match it exactly."""
+    return (images.float() / 255 - mean) / std
+
+
+class Normalize(nn.Module):
+    """uint8 NCHW -> normalised float32 channels_last: val/test's whole device op (RandomCropFlip
+    uses its mean/std buffers)."""
+
+    def __init__(self, device: torch.device | str = "cpu", mean: tuple[float, ...] = IMAGENET_MEAN,
+                 std: tuple[float, ...] = IMAGENET_STD):
+        super().__init__()
+        opts = dict(dtype=torch.float32, device=torch.device(device))
+        self.register_buffer("mean", torch.tensor(mean, **opts).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, **opts).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize(images, self.mean, self.std).contiguous(memory_format=torch.channels_last)
+
+
+def crop_flip_normalize(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, mean: torch.Tensor,
+                        std: torch.Tensor, pad: int, size: int) -> torch.Tensor:
+    """uint8 NCHW -> float32 channels_last: normalise, zero-pad `pad`, crop `size` at each image's
+    (top, left) offset into the padded image, mirror where `flips`. One gather, no per-image loop."""
+    n, c, h, w = images.shape
+    # Output pixel (i, j) reads source pixel (i + top - pad, j + left - pad), j mirrored when
+    # flipped; a coordinate outside the source is padding.
+    ar = torch.arange(size, device=images.device)
+    rows = offsets[:, 0, None] - pad + ar  # (N, size)
+    cols = offsets[:, 1, None] - pad + torch.where(flips[:, None], size - 1 - ar, ar)
+    inside = ((rows >= 0) & (rows < h))[:, None, :, None] & ((cols >= 0) & (cols < w))[:, None, None, :]
+    flat = rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]
+    # Gather the uint8 pixels first (4x less memory than float), then normalise only the crop.
+    pixels = images.reshape(n, c, h * w).gather(2, flat.view(n, 1, -1).expand(n, c, -1))
+    out = normalize(pixels.view(n, c, size, size), mean, std)
+    # Padding is exactly 0 after normalisation: the mean colour, as in the spec's reference.
+    return torch.where(inside, out, 0.0).contiguous(memory_format=torch.channels_last)
+
+
+def _ms_per_call(op, args: tuple, calls: int = 10, rounds: int = 3) -> float:
+    """Milliseconds per call, the best of `rounds` rounds of `calls` calls after one untimed call, the
+    device synchronised at both ends of each round (one round of 5 calls picked the slower op once)."""
+    sync = torch.cuda.synchronize if args[0].is_cuda else (lambda: None)
+    op(*args)
+    best = float("inf")
+    for _ in range(rounds):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            op(*args)
+        sync()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return 1e3 * best
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` inside the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class RandomCropFlip(nn.Module):
+    """Normalise, zero-pad `pad` pixels, random `size` crop and random horizontal flip, per image.
+
+    Padding happens after normalisation, so pad pixels are exactly 0 (the mean colour), as in the
+    spec's reference. Each image draws its own offset (uniform over the (2*pad+1)^2 positions) and
+    its own flip from a generator on the images' device, seeded once: same seed, same batches.
+    compile=True runs the op through torch.compile: one fused kernel/loop, same numbers bit for bit
+    (faster on some CPUs, slower on others: see warm_up; compiled once per batch size). The op
+    runs in FFCV's thread, so it is compiled by `warm_up` on the main thread before the first batch
+    (see precompile.py), in the default mode only: CUDA-graph trees fail outside the thread that
+    recorded them (pytorch#123177).
+    """
+
+    def __init__(self, seed: int, device: torch.device | str, pad: int = 4, size: int = 32,
+                 flip_p: float = 0.5, compile: bool = False):
+        super().__init__()
+        self.normalize = Normalize(device)
+        self.pad, self.size, self.flip_p = pad, size, flip_p
+        self.generator = torch.Generator(device=torch.device(device))
+        self.generator.manual_seed(seed)
+        self.compiled = compile
+        self.choice: dict | None = None  # set by warm_up: which of compiled and eager ran faster here
+        # The torch thread count of the thread the op will run in (None: the caller's). FFCV on the
+        # CPU runs it on 1 (loaders/ffcv_loader.OneTorchThread); dynamo guards on the count, so the
+        # warm-up compiles and times the op with that count, or FFCV's thread would recompile.
+        self.threads: int | None = None
+        self.op = torch.compile(crop_flip_normalize, mode="default") if compile else crop_flip_normalize
+        # For tests only. On CUDA they live on FFCV's side stream and are overwritten by the next batch.
+        self.last_offsets: torch.Tensor | None = None  # (N, 2) rows, cols of the last batch
+        self.last_flips: torch.Tensor | None = None  # (N,) bool
+
+    def warm_up(self, sizes: list[int], height: int = 32, width: int = 32) -> None:
+        """Compile the op for each batch size on zeros laid out as FFCV hands them over (an NCHW view
+        of NHWC uint8), without drawing from the generator: the run's augmentation is unchanged.
+        Then keep the compiled op only where it measurably helps (`choice`): on an Intel Xeon
+        (AVX-512) it ran faster than eager, on an AMD EPYC (AVX2) 1.3x slower."""
+        with torch_threads(self.threads):
+            self._warm_up(sizes, height, width)
+
+    def _warm_up(self, sizes: list[int], height: int, width: int) -> None:
+        device = self.normalize.mean.device
+        args = {}
+        for n in sizes:
+            images = torch.zeros(n, height, width, 3, dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
+            args[n] = (images, torch.zeros(n, 2, dtype=torch.int64, device=device),
+                       torch.zeros(n, dtype=torch.bool, device=device), self.normalize.mean, self.normalize.std,
+                       self.pad, self.size)
+            self.op(*args[n])
+        if self.compiled and sizes:
+            ms = {name: _ms_per_call(op, args[sizes[0]]) for name, op in
+                  [("compiled", self.op), ("eager", crop_flip_normalize)]}
+            self.choice = {"op": "compiled" if ms["compiled"] < ms["eager"] else "eager", "batch": sizes[0],
+                           **{f"{k}_ms": round(v, 4) for k, v in ms.items()}}
+            if self.choice["op"] == "eager":
+                self.op = crop_flip_normalize
+
+    def draw(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image crop offsets (N, 2) in [0, 2*pad] and flip flags (N,)."""
+        offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), device=device, generator=self.generator)
+        flips = torch.rand(n, device=device, generator=self.generator) < self.flip_p
+        return offsets, flips
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        offsets, flips = self.draw(images.shape[0], images.device)
+        self.last_offsets, self.last_flips = offsets, flips
+        return self.op(images, offsets, flips, self.normalize.mean, self.normalize.std, self.pad, self.size)

@@ -1,0 +1,336 @@
+"""Train ResNetV2-20 on CIFAR-10 from FFCV betons: `python -m fastcifar.train --compile`.
+
+Defaults are the benchmark's recipe: AdamW (lr 1e-3, betas 0.9/0.999, weight decay 1e-4), 10 epochs,
+batch 128, constant learning rate, float32 (no autocast, no TF32 unless --tf32), channels_last. Reads top to bottom:
+flags, one training epoch, evaluation, timed inference, then `main` which runs them and writes
+the six metrics (see README) to <out>/<run-name>.json and the weights to <out>/<run-name>.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.autograd.profiler import record_function
+from tqdm import tqdm
+
+from . import __version__, distributed
+from .data import LOADERS, make_loaders, split_sizes
+from .env import environment, seconds_since_process_start, set_float32_precision
+from .model import count_parameters, resnetv2_20
+from .precompile import frozen, mark_step, warm_up_run
+from .profiling import (
+    BACKWARD_RANGE,
+    DATA_RANGE,
+    FORWARD_RANGE,
+    OPTIMIZER_RANGE,
+    ScalarLog,
+    StepTimer,
+    TraceProfiler,
+    data_fraction,
+    parse_profile_steps,
+)
+from .results import collect, epoch_line, summary_table, warm_up_line
+from .utils import (
+    ArgumentParser,
+    UserError,
+    atomic_path,
+    device_name,
+    plain_name,
+    run_cli,
+    synchronize,
+    writable_folder,
+    write_json_atomic,
+)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = ArgumentParser(prog="fastcifar.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="betons from tools/make_beton.py")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="images per batch (train and eval); under torchrun the global batch, split evenly over "
+                        "the processes, so the recipe is the same whatever their number")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, constant")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW (decoupled) weight decay")
+    p.add_argument("--seed", type=int, default=0, help="model init, batch order and augmentation")
+    p.add_argument("--loader", default="ffcv", choices=LOADERS,
+                   help="data pipeline (synthetic: one fixed batch, the compute-only floor; trains nothing)")
+    p.add_argument("--workers", type=int, default=2, help="loader threads or processes")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when available, else cpu), cpu, cuda, cuda:N; under torchrun: cuda (each "
+                        "process its cuda:LOCAL_RANK) or cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (train and eval) and the on-device augmentation")
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode of the model, with --compile (the device op always uses default)")
+    p.add_argument("--tf32", action="store_true",
+                   help="let cuDNN convolutions and matmuls use TF32 on GPUs (not float32: off by default)")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, metavar="N",
+                   help="stop each epoch (and each evaluation) after N batches: for smoke runs")
+    p.add_argument("--out", type=Path, default=Path("results"), help="results folder")
+    p.add_argument("--run-name", default=None, help="name of the results files; None: <date>-<time>-<device>")
+    p.add_argument("--profile", action="store_true",
+                   help="write a torch.profiler trace and TensorBoard scalars to <profile-dir>/<run-name>/")
+    p.add_argument("--profile-dir", type=Path, default=Path("profiles"), help="where --profile writes")
+    p.add_argument("--profile-steps", default="5,3,10", metavar="WAIT,WARMUP,ACTIVE",
+                   help="profiler schedule within the profiled epoch")
+    p.add_argument("--profile-epoch", type=int, default=2,
+                   help="epoch to profile (2: after FFCV's first-epoch JIT; capped at --epochs)")
+    args = p.parse_args(argv)
+    args.profile_schedule = parse_profile_steps(args.profile_steps)
+    for name, low in [("epochs", 1), ("batch_size", 1), ("workers", 1), ("max_steps_per_epoch", 1),
+                      ("profile_epoch", 1)]:
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UserError(f"--lr must be a positive number, got {args.lr}")
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        raise UserError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    return args
+
+
+def _progress(total: int, desc: str) -> tqdm:
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+                mininterval=0.5 if tty else 30, disable=not distributed.is_main())
+
+
+def _batches(loader, max_steps: int | None) -> int:
+    return len(loader) if max_steps is None else min(len(loader), max_steps)
+
+
+def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, device: torch.device,
+                timer: StepTimer, max_steps: int | None = None, desc: str = "train",
+                on_step=None, compile_mode: str | None = None) -> dict:
+    """One pass over the train loader. Loss and accuracy are summed on the device (no per-step sync).
+    Under torchrun the sums and counts are added over the ranks, the epoch takes as long as the
+    slowest rank, and the data/compute split is each rank's (their mean here, every rank's in *_per_rank).
+
+    on_step(loss), when given, runs after every optimizer step (the profiler's step, tests' spies).
+    Under --compile-mode reduce-overhead the model's outputs are CUDA-graph buffers that the next
+    step overwrites: they are folded into the sums before the next step is launched, never kept.
+    """
+    model.train()
+    timer.reset()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    bar = _progress(_batches(loader, max_steps), desc)
+    synchronize(device)
+    t0 = time.perf_counter()
+    batches = None
+    while max_steps is None or timer.steps < max_steps:
+        timer.data_start()
+        with record_function(DATA_RANGE):
+            if batches is None:  # FFCV starts its prefetch (and on epoch 1 compiles) here: data time
+                batches = iter(loader)
+            batch = next(batches, None)
+        if batch is None:
+            break
+        images, labels, _ = batch
+        timer.data_end()
+        mark_step(compile_mode)
+        with record_function(FORWARD_RANGE):
+            logits = model(images)
+            loss = nn.functional.cross_entropy(logits, labels)
+        with record_function(BACKWARD_RANGE):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with record_function(OPTIMIZER_RANGE):
+            optimizer.step()
+        n = labels.shape[0]
+        seen += n
+        loss_sum += loss.detach() * n
+        correct += (logits.detach().argmax(1) == labels).sum()
+        timer.compute_end()  # after the sums: on CUDA every kernel of the step falls inside a phase
+        bar.update()
+        if timer.steps % 50 == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
+                            img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        if on_step is not None:
+            on_step(loss.detach())
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    bar.close()
+    if batches is not None and hasattr(batches, "close"):
+        batches.close()  # stop FFCV's prefetch thread when --max-steps-per-epoch cut the epoch short
+    loss_sum, correct, seen = distributed.sum_over_ranks(loss_sum, correct, seen, device=device)
+    rank_seconds, rank_data_s, rank_compute_s = distributed.gather_over_ranks(seconds, *timer.totals(), device=device)
+    seconds, data_s, compute_s = max(rank_seconds), _mean(rank_data_s), _mean(rank_compute_s)
+    return {
+        "train_loss": loss_sum / max(seen, 1),
+        "train_acc": correct / max(seen, 1),
+        "train_images": int(seen),
+        "seconds": seconds,
+        "images_per_s": seen / seconds,
+        "data_time_s": data_s,
+        "compute_time_s": compute_s,
+        "data_fraction": data_fraction(data_s, compute_s),
+        **({"data_time_s_per_rank": rank_data_s, "compute_time_s_per_rank": rank_compute_s}
+           if len(rank_seconds) > 1 else {}),
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return values[0] if len(values) == 1 else sum(values) / len(values)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, max_steps: int | None = None,
+             desc: str = "eval", compile_mode: str | None = None) -> dict:
+    """Loss and accuracy over a loader, eval mode, and the time of each batch's forward pass with and
+    without the wait for the batch: CUDA events read once at the end (no per-batch sync), or wall
+    clock on CPU, where the work is done when the call returns. Under torchrun each rank scores its
+    own images: sums and counts are added over the ranks, the times are the slowest rank's."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    timer = StepTimer(device)
+    bar = _progress(_batches(loader, max_steps), desc)
+    batches = iter(loader)
+    while max_steps is None or timer.steps < max_steps:
+        timer.data_start()
+        batch = next(batches, None)
+        if batch is None:
+            break
+        images, labels, _ = batch
+        timer.data_end()
+        mark_step(compile_mode)
+        logits = model(images)
+        timer.compute_end()
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
+        seen += labels.shape[0]
+        bar.update()
+    bar.close()
+    if hasattr(batches, "close"):
+        batches.close()
+    wait_s, forward_s = timer.totals()
+    steps = max(timer.steps, 1)
+    loss_sum, correct, seen = distributed.sum_over_ranks(loss_sum, correct, seen, device=device)
+    forward_ms, incl_data_ms = distributed.gather_over_ranks(
+        1e3 * forward_s / steps, 1e3 * (wait_s + forward_s) / steps, device=device)
+    return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1), "images": int(seen),
+            "forward_ms_per_batch": max(forward_ms), "forward_incl_data_ms_per_batch": max(incl_data_ms)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    world_size = distributed.ranks_from_env().world_size
+    if args.batch_size % world_size:  # before any process group: every rank says it and exits
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) does not split evenly over "
+                        f"{world_size} processes")
+    ranks, device = distributed.setup(args.device)  # one process, or this rank's under torchrun
+    batch_size = args.batch_size // ranks.world_size  # this process's share
+    say = print if ranks.main else (lambda *a, **k: None)  # rank 0 alone prints, writes and profiles
+    run_name = plain_name(args.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{device.type}", "--run-name")
+    profile_dir = args.profile_dir / run_name
+    profile = args.profile and ranks.main
+    if ranks.main:
+        for folder, what in [(args.out, "--out"), *([(profile_dir, "--profile-dir")] if profile else [])]:
+            writable_folder(folder, what)
+
+    compile_mode = args.compile_mode if args.compile else None
+    precision = set_float32_precision(device, args.tf32)
+    env = environment(device, loader=args.loader, compile=args.compile, compile_mode=compile_mode,
+                      precision=precision, seed=args.seed, world_size=ranks.world_size)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    loaders = make_loaders(args.data_dir, device, batch_size, args.workers, args.seed,
+                           compile_augment=args.compile, loader=args.loader, rank=ranks.rank,
+                           world_size=ranks.world_size)
+    if args.loader == "synthetic":
+        say("note: --loader synthetic feeds one fixed random batch: it measures the compute-only floor "
+            "and trains nothing meaningful (its accuracies are chance)", flush=True)
+    model = resnetv2_20().to(device=device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
+                                  weight_decay=args.weight_decay)
+    net = distributed.wrap(model, device, compile_mode)  # torch.compile and, under torchrun, DDP
+    processes = ""
+    if ranks.world_size > 1:  # FFCV's and torch's DistributedSampler pad the split to a multiple of N
+        repeated = loaders["train"].images * ranks.world_size - split_sizes(args.data_dir)["train"]
+        processes = f", {ranks.world_size} processes x {batch_size}, {repeated} train images repeated per epoch"
+    say(f"fastcifar {__version__}: ResNetV2-20 ({count_parameters(model):,} parameters) on "
+        f"{device_name(device)}, loader {args.loader}, "
+        f"{'torch.compile ' + args.compile_mode if args.compile else 'eager'}, "
+        f"{'TF32' if args.tf32 else 'float32'}, train {len(loaders['train'])} batches of {args.batch_size}{processes}",
+        flush=True)
+    # Every compilation now, on this thread, before FFCV's threads start (see precompile.py).
+    synchronize(device)
+    t0 = time.perf_counter()
+    sizes = warm_up_run(net, model, loaders, device, batch_size, args.max_steps_per_epoch, compile_mode,
+                        compiled=args.compile)
+    synchronize(device)
+    warm_up_s = time.perf_counter() - t0
+    device_op = getattr(loaders["train"].augment, "choice", None)
+    if args.compile:
+        say(warm_up_line(sizes, warm_up_s, device_op), flush=True)
+
+    timer = StepTimer(device)
+    profile_epoch = min(args.profile_epoch, args.epochs)
+    scalars = ScalarLog(profile_dir) if profile else None
+    traces: list[Path] = []
+    epochs = []
+    scorer = distributed.unwrap(net)  # evaluation runs no collective: each rank scores its own images
+    with frozen():
+        for epoch in range(1, args.epochs + 1):
+            profiler = TraceProfiler(profile_dir, device, args.profile_schedule) if (
+                profile and epoch == profile_epoch) else None
+            with profiler or contextlib.nullcontext():
+                stats = train_epoch(net, loaders["train"], optimizer, device, timer, args.max_steps_per_epoch,
+                                    desc=f"epoch {epoch}/{args.epochs}" + (" (profiling)" if profiler else ""),
+                                    on_step=profiler.step if profiler else None, compile_mode=compile_mode)
+            traces = profiler.traces if profiler else traces
+            distributed.sync_buffers(model)  # every rank scores the model rank 0 saves
+            val = evaluate(scorer, loaders["val"], device, args.max_steps_per_epoch, desc="val",
+                           compile_mode=compile_mode)
+            stats = {"epoch": epoch, **stats, "val_loss": val["loss"], "val_acc": val["accuracy"],
+                     "val_images": val["images"]}
+            epochs.append(stats)
+            if scalars is not None:
+                scalars.epoch(epoch, stats)
+            say(epoch_line(stats, args.epochs, args.loader), flush=True)
+        total_training_time = max(distributed.gather_over_ranks(seconds_since_process_start(), device=device)[0])
+        if scalars is not None:
+            scalars.close()
+        test = evaluate(scorer, loaders["test"], device, args.max_steps_per_epoch, desc="test",
+                        compile_mode=compile_mode)
+
+    if not ranks.main:
+        distributed.cleanup()
+        return 0
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "profile_schedule"}
+    profiled = {"dir": str(profile_dir), "epoch": profile_epoch, "traces": [str(t) for t in traces]} \
+        if profile else None
+    results = collect(run_name, total_training_time, epochs, test, config, env, profiled)
+    results["warm_up_s"] = warm_up_s
+    results["device_op"] = device_op
+    weights = args.out / f"{run_name}.pt"
+    with atomic_path(weights) as tmp:
+        torch.save(model.state_dict(), tmp)
+    write_json_atomic(args.out / f"{run_name}.json", results)
+    print(f"\nResNetV2-20 on CIFAR-10, {len(epochs)} epochs, {results['env']['device_name']}:")
+    print(summary_table(results))
+    print(f"results: {args.out / (run_name + '.json')}  weights: {weights}")
+    if args.profile:
+        print(f"profile: {', '.join(map(str, traces)) or 'no trace (window longer than the epoch?)'}; "
+              f"view with: tensorboard --logdir {args.profile_dir}")
+    distributed.cleanup()
+    return 0
+
+
+def cli() -> None:
+    run_cli(main, "fastcifar.train")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,172 @@
+"""Small helpers shared by every command: one-line errors, atomic files, hashes, devices."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, never as a traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (via UserError), not usage text plus an error; --help
+    shows every default (they are the spec's recipe)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise UserError(message)
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first line, or its type's name when it has no message."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int], prog: str) -> None:
+    """Run `main`; every failure a user can cause becomes one stderr line and exit code 2.
+
+    The one place for it: UserError (what we validate), OSError (files, folders, disks, devices:
+    what the machine or the user's paths did) and MemoryError. Anything else is a bug of ours and
+    keeps its traceback.
+    """
+    try:
+        code = main(None)
+    except UserError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        code = 2
+    except OSError as err:
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        print(f"{prog}: error: {err.strerror or first_line(err)}{where}", file=sys.stderr)
+        code = 2
+    except MemoryError:
+        print(f"{prog}: error: out of memory", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+def file_digests(*paths: Path, chunk: int = 1 << 20) -> tuple[str, str]:
+    """(md5, sha256) of one file, or of several read one after another in the given order; read once."""
+    md5, sha = hashlib.md5(), hashlib.sha256()
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                while block := f.read(chunk):
+                    md5.update(block)
+                    sha.update(block)
+        except OSError as err:
+            if err.filename is None:  # a read() error (EIO) names no file: name the one being read
+                raise OSError(err.errno, err.strerror, str(path)) from err
+            raise
+    return md5.hexdigest(), sha.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    return file_digests(path)[1]
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it onto `final` only if the block completes.
+
+    An interrupted block (exception, Ctrl-C) removes the temporary file, so nothing that
+    looks complete is ever left behind. A hard kill can leave a `*.tmp` file, never `final`.
+    """
+    final = Path(final)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp_path, final)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def writable_folder(folder: Path, what: str) -> Path:
+    """Create `folder` and prove a file can be written there now, before hours of training, not after."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to {what} {folder}: {err.strerror or err}") from None
+    return folder
+
+
+def plain_name(name: str, what: str) -> str:
+    """A name that becomes a file name: letters, digits, '.', '_' and '-', not '.' or '..'."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", name) or name in (".", ".."):
+        raise UserError(f"{what} must be a plain file name (letters, digits, '.', '_', '-'), got {name!r}")
+    return name
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def resolve_device(name: str):
+    """'auto' -> cuda when available, else cpu; anything else must be a valid, available device."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def synchronize(device) -> None:
+    """Wait for queued device work so that wall-clock timings cover it."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def device_name(device) -> str:
+    """The GPU's name, or the CPU model and core count: the 'machine' every figure is quoted with."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
