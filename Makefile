@@ -10,10 +10,13 @@ SOURCE     ?= $(FASTCIFAR_CIFAR_ARCHIVE)
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TRAIN_ARGS ?=
 
-# make gpu-check DATA=<betons folder or CIFAR archive> OUT=<folder>   (SMOKE=1: CPU, synthetic data)
-DATA       ?= $(DATA_DIR)
+# make gpu-check [DATA=<betons folder, CIFAR archive or synthetic>] [OUT=<folder>] [BUDGET=<s>] [STAGES=a,b]
+#   no DATA: full-size synthetic data made there; SMOKE=1: CPU, tiny synthetic data, few steps
+DATA       ?=
 OUT        ?= results/gpu-check
 SMOKE      ?=
+BUDGET     ?=
+STAGES     ?=
 
 .PHONY: setup system-deps python-deps dali betons run test lint bench gpu-check clean
 
@@ -59,7 +62,8 @@ bench: betons
 
 # No set-up here on purpose: a GPU machine brings its own CUDA build of torch (and may be offline).
 gpu-check:
-	$(PYTHON) tools/gpu_check.py --out $(OUT) $(if $(SMOKE),--smoke,--data $(DATA))
+	$(PYTHON) tools/gpu_check.py --out $(OUT) $(if $(SMOKE),--smoke,$(if $(DATA),--data $(DATA))) \
+	  $(if $(BUDGET),--budget-s $(BUDGET)) $(if $(STAGES),--stages $(STAGES))
 
 clean:
 	rm -rf results profiles/*/ .pytest_cache

@@ -1,7 +1,10 @@
 """Loader benchmark, two ways, every pipeline from `fastcifar.data.make_loaders` (nothing implemented twice):
 
   isolated     images/s of ready-to-train batches of the train split on the device, after a warm-up
-               epoch: what each pipeline can deliver with nothing else running
+               epoch: what each pipeline can deliver with nothing else running; and its headroom:
+               those images/s over the model's compute-only training images/s on the same device
+               (`--compute-steps` steps on one fixed batch), i.e. how many times faster the model
+               could get before that pipeline becomes the bottleneck
   --end-to-end one warm-up and `--repeats` timed training epochs of the spec model per pipeline (the
                trainer's own loop, `--compile` as given), in rounds: each round times one epoch of
                every pipeline, in an order rotated by one each round, so that neither a drifting
@@ -26,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from .data import LOADERS, make_loaders
-from .env import environment, set_float32_precision
+from .env import adamw, environment, set_cudnn, set_float32_precision
 from .model import resnetv2_20
 from .precompile import batch_sizes, frozen, warm_up_run
 from .profiling import StepTimer
@@ -77,7 +80,7 @@ class EndToEnd:
     def __init__(self, loaders: dict, device: torch.device, args: argparse.Namespace, name: str):
         torch.manual_seed(args.seed)
         self.model = resnetv2_20().to(device=device, memory_format=torch.channels_last)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4)
+        self.optimizer, _ = adamw(self.model.parameters(), device, lr=1e-3, weight_decay=1e-4)  # as the trainer's
         self.net = torch.compile(self.model) if args.compile else self.model
         self.train, self.device, self.max_steps, self.name = loaders["train"], device, args.max_steps, name
         warm_up_run(self.net, self.model, {"train": self.train}, device, args.batch_size, args.max_steps, None)
@@ -100,6 +103,20 @@ class EndToEnd:
         cpu = sorted(e["cpu_s"] for e in self.epochs)[(len(self.epochs) - 1) // 2]
         return {**median, "cpu_s": cpu, "epoch_seconds": [e["seconds"] for e in self.epochs],
                 "epoch_cpu_s": [e["cpu_s"] for e in self.epochs], "epochs_timed": len(self.epochs)}
+
+
+def compute_only(args: argparse.Namespace, device: torch.device) -> dict:
+    """The model's training throughput with no data pipeline at all (the `synthetic` loader: one fixed
+    batch on the device), set up, compiled and warmed up as end to end, then `--compute-steps` timed
+    steps: the denominator of the headroom."""
+    loaders = make_loaders(args.data_dir, device, args.batch_size, args.workers, args.seed,
+                           compile_augment=args.compile, loader="synthetic")
+    steps = argparse.Namespace(**{**vars(args), "max_steps": args.compute_steps})
+    setup = EndToEnd(loaders, device, steps, "compute-only")
+    setup.epoch()
+    epoch = setup.epochs[-1]
+    return {"images_per_s": epoch["images_per_s"], "steps": min(args.compute_steps, len(loaders["train"])),
+            "seconds": epoch["seconds"]}
 
 
 def rotated(names: list[str], i: int) -> list[str]:
@@ -132,16 +149,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=None, help="end to end: cap each epoch (smoke runs)")
     p.add_argument("--repeats", type=int, default=1,
                    help="end to end: rounds, each one timed epoch per pipeline (order rotated); ratios paired by round")
+    p.add_argument("--compute-steps", type=int, default=50,
+                   help="isolated: training steps of the spec model on one fixed batch (synthetic), for the "
+                        "headroom column (0: skip)")
     p.add_argument("--seed", type=int, default=0, help="order and augmentation seed")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile the device op (and, end to end, the model), as `train --compile` does")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON results (default results/bench_loader.json, or bench_end_to_end.json)")
     args = p.parse_args(argv)
-    if min(args.workers, args.batch_size, args.epochs, args.repeats, args.max_steps or 1) < 1:
-        raise UserError("--workers, --batch-size, --epochs, --repeats and --max-steps must be at least 1")
+    if min(args.workers, args.batch_size, args.epochs, args.repeats, args.max_steps or 1) < 1 or args.compute_steps < 0:
+        raise UserError("--workers, --batch-size, --epochs, --repeats and --max-steps must be at least 1, "
+                        "--compute-steps at least 0")
     device = resolve_device(args.device)
     set_float32_precision(device, tf32=False)
+    set_cudnn(device, deterministic=False)  # the trainer's defaults
     available = [n for n in LOADERS if n != "dali" or dali_installed()]
     names = args.loaders.split(",") if args.loaders else [n for n in available if args.end_to_end or n != "synthetic"]
     for name in names:
@@ -172,6 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in rotated(list(setups), i):
             setups[name].epoch()
     results.update({name: setup.result() for name, setup in setups.items()})
+    compute = None
+    if not args.end_to_end and args.compute_steps:
+        compute = compute_only(args, device)
+        for r in results.values():
+            r["headroom"] = r["images_per_s"] / compute["images_per_s"]
     base = "torch" if "torch" in results else None
     for r in results.values():
         if args.end_to_end:
@@ -181,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 r.update(paired(r["epoch_seconds"], results["memory"]["epoch_seconds"], "ratio_to_memory"))
         elif base:
             r["ratio_to_torch"] = r["images_per_s"] / results[base]["images_per_s"]
-    write_json_atomic(out, {**results, "env": env, "mode": "end_to_end" if args.end_to_end else "isolated"})
+    write_json_atomic(out, {**results, **({"compute_only": compute} if compute else {}), "env": env,
+                            "mode": "end_to_end" if args.end_to_end else "isolated"})
     mode = f"end to end, {args.repeats} round(s) of one training epoch each" if args.end_to_end else "isolated"
     print(f"loader benchmark ({mode}): batch "
           f"{args.batch_size}, {args.workers} workers, {device_name(device)} ({device}), "
@@ -195,11 +223,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 + (f"{r['ratio_to_memory']:>9.3f}x" if "ratio_to_memory" in r else f"{'':>10}")
                 + f"{r['cpu_s']:>8.1f}{100 * r['cpu_overhead_vs_synthetic']:>+12.1f}%" for n, r in results.items()]
     else:
-        header = f"{'pipeline':<10}{'images/s':>12}{'vs torch':>10}{'s / epoch':>11}"
+        header = f"{'pipeline':<10}{'images/s':>12}{'vs torch':>10}{'s / epoch':>11}{'headroom':>10}"
         rows = [f"{n:<10}{r['images_per_s']:>12,.0f}" + (f"{r['ratio_to_torch']:>9.2f}x" if "ratio_to_torch" in r
                                                          else f"{'':>10}") + f"{r['seconds_per_epoch']:>11.2f}"
+                + (f"{r['headroom']:>9.1f}x" if "headroom" in r else f"{'':>10}")
                 for n, r in results.items()]
     print("\n".join([header, "-" * len(header), *rows]))
+    if compute:
+        print(f"headroom: the pipeline's images/s / the model's compute-only training images/s "
+              f"({compute['images_per_s']:,.0f}, {compute['steps']} steps on one fixed batch): how much faster the "
+              "model could get before the pipeline is the bottleneck")
     if args.end_to_end:
         print(f"vs synthetic / vs memory: mean over {args.repeats} round(s) of the same round's epoch ratio; "
               "95 % CI of that mean (needs 2+ rounds)")

@@ -18,6 +18,7 @@ after normalisation), random 32x32 crop and horizontal flip. One module per pipe
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,7 @@ def make_loaders(
     loader: str = "ffcv",
     rank: int = 0,
     world_size: int = 1,
+    timings: dict | None = None,
 ) -> dict:
     """{'train', 'val', 'test'} loaders of pipeline `loader` over `data_dir`, after checking the betons.
     A batch larger than the training split is refused (a pipeline would allocate buffers for it).
@@ -75,10 +77,13 @@ def make_loaders(
     world_size > 1 (under torchrun): `batch_size` is this rank's share of the global batch; train
     yields this rank's share of the epoch's order (`distributed.train_shard`: the same order on every
     rank, padded so every rank takes as many steps), val/test this rank's images only
-    (`distributed.eval_shard`: each image scored once), and the augmentation draws from seed + rank."""
+    (`distributed.eval_shard`: each image scored once), and the augmentation draws from seed + rank.
+    `timings`, when given, receives the seconds spent checking the betons and building the loaders."""
     if loader not in LOADERS:
         raise UserError(f"unknown loader {loader!r}: choose one of {', '.join(LOADERS)}")
+    t0 = time.perf_counter()
     counts = check_betons(data_dir)
+    checked = time.perf_counter()
     if batch_size > counts["train"]:
         raise UserError(f"--batch-size {batch_size} is larger than the training split ({counts['train']:,} images)")
     device = torch.device(device)
@@ -93,4 +98,7 @@ def make_loaders(
         from .loaders import dali_loader as module
     else:
         from .loaders import synthetic_loader as module
-    return module.make_loaders(*args)
+    loaders = module.make_loaders(*args)
+    if timings is not None:  # start-up pieces, for the results JSON's `startup`
+        timings.update(betons_check_s=checked - t0, loaders_s=time.perf_counter() - checked)
+    return loaders

@@ -4,7 +4,8 @@ No launcher or communication layer of our own: torchrun starts the processes and
 WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; `torch.distributed` (NCCL on CUDA, gloo on CPU) moves
 the numbers; DistributedDataParallel averages the gradients. Without torchrun the run is one process,
 no process group exists, and every helper below is a no-op that returns its input unchanged — so a
-single-process run computes exactly what it computed before this module existed.
+single-process run computes exactly what it computed before this module existed. Under torchrun the
+distributed path runs whatever the number of processes, one included.
 """
 
 from __future__ import annotations
@@ -71,10 +72,11 @@ def gpu_shortage(ranks: Ranks, gpus: int) -> str | None:
 
 
 def setup(device_name: str) -> tuple[Ranks, torch.device]:
-    """(ranks, this process's device). Under torchrun: cuda:LOCAL_RANK with NCCL, or the CPU with gloo,
-    and the process group initialised; otherwise one process on `device_name` as always."""
+    """(ranks, this process's device). Under torchrun (any number of processes, one included):
+    cuda:LOCAL_RANK with NCCL, or the CPU with gloo, and the process group initialised; otherwise one
+    process on `device_name` as always."""
     ranks = ranks_from_env()
-    if ranks.world_size == 1:
+    if not launched():
         return ranks, resolve_device(device_name)
     if device_name not in ("auto", "cpu", "cuda"):
         raise UserError(f"under torchrun each process uses cuda:LOCAL_RANK or the CPU: pass --device cuda, cpu "
@@ -96,8 +98,20 @@ def setup(device_name: str) -> tuple[Ranks, torch.device]:
     return ranks, device
 
 
+def launched(environ: Mapping[str, str] = os.environ) -> bool:
+    """Started by torchrun (which sets WORLD_SIZE), even as its only process: then the run takes the
+    distributed path (process group, DDP), so `torchrun --nproc_per_node=1` exercises it on one GPU."""
+    return "WORLD_SIZE" in environ
+
+
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """A process group is running (under torchrun): the helpers below then talk to every rank."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def backend() -> str | None:
+    """The process group's backend ('nccl', 'gloo'), or None for a plain single-process run."""
+    return dist.get_backend() if active() else None
 
 
 def is_main() -> bool:

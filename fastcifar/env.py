@@ -58,6 +58,27 @@ def set_float32_precision(device: torch.device, tf32: bool) -> dict:
     }
 
 
+def set_cudnn(device: torch.device, deterministic: bool) -> dict:
+    """cuDNN's autotuner on CUDA (fixed input sizes: it picks the fastest convolution algorithms once,
+    as airbench does), or with `deterministic` cuDNN's deterministic algorithms and no autotuning;
+    returns what is now in force. On the CPU cuDNN is not used: recorded as not applying."""
+    cuda = torch.device(device).type == "cuda"
+    torch.backends.cudnn.benchmark = cuda and not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    return {"cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_deterministic": deterministic,
+            "applies": cuda}
+
+
+def adamw(params, device: torch.device, lr: float, weight_decay: float) -> tuple[torch.optim.Optimizer, dict]:
+    """The spec's AdamW (betas 0.9/0.999): fused into one kernel per step on CUDA (a step of many small
+    kernels is launch-bound there), torch's default (foreach) implementation on the CPU. Returns the
+    optimizer and what was chosen, for `env`."""
+    fused = torch.device(device).type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay,
+                                  **({"fused": True} if fused else {}))
+    return optimizer, {"name": "AdamW", "fused": fused}
+
+
 def git_commit() -> str | None:
     """HEAD of the checkout that runs, with '+dirty' when it has uncommitted changes."""
     here = Path(__file__).resolve().parent

@@ -1,22 +1,32 @@
-"""The whole GPU proof in one command: `make gpu-check DATA=... OUT=...` (this script, wrapped by make).
+"""The whole GPU proof in one command: `make gpu-check OUT=...` (this module, wrapped by make), made for
+a GPU machine lent for a few minutes: nothing to send in but the checkout and its wheels, a time
+budget it keeps, and a report that is current after every stage.
 
-Stages, in order, each a separate process with its own log under OUT/logs/ and a time limit, so one
-failure neither hides the others nor hangs the check:
-  data             DATA as a betons folder, or a CIFAR-10 archive made into betons in OUT/data
-  cuda-tests       the CUDA test lane: python -m pytest -m cuda (skipped with a note without pytest,
+Data: without --data (or --data synthetic) a full-size CIFAR-shaped archive of seeded random pixels
+(50,000 + 10,000 images, `fastcifar.synthetic`) is written and converted there; betons hold raw
+pixels, so every speed figure is what CIFAR-10 gives, and the accuracies are chance (said so in the
+summary). --data DIR|ARCHIVE: betons, or the real archive converted, for the accuracy check.
+
+Stages, in order of value, each a separate process with its own log under OUT/logs/:
+  spec             python -m fastcifar.train --compile (the full spec run, 10 epochs)
+  cuda-tests       the CUDA test lane: python -m pytest -m cuda (skipped with the reason without pytest,
                    or outside a checkout)
-  bench-loader     fastcifar.bench_loader: images/s of each pipeline on the device
+  bench-loader     fastcifar.bench_loader: images/s of each pipeline on the device, and its headroom
   bench-end-to-end fastcifar.bench_loader --end-to-end --repeats 5: each pipeline's training epoch,
                    paired by round with synthetic's (the overhead and its 95 % interval)
-  spec             python -m fastcifar.train --compile (the full spec run, 10 epochs)
-  reduce-overhead  the same with --compile-mode reduce-overhead (CUDA graphs)
-  tf32             the same with --tf32
+  reduce-overhead  the spec run with --compile-mode reduce-overhead (CUDA graphs)
+  tf32             the spec run with --tf32
+  max-autotune     the spec run with --compile-mode max-autotune (its compile time reported apart)
   profile          a short --profile run (1 epoch, 30 steps, window 5,3,10)
   timer-overhead   cost of the step timer's CUDA events: steps with and without it
-Then OUT/summary.md: GPU, torch and CUDA versions, the six metrics per variant, data fraction, loader
-images/s, the timer's overhead and each stage's wall time. Exit code 1 when any stage failed.
+--budget-s (default: the whole command within 8 minutes): a stage is started only if its estimate
+(the spec run's measured time for the variants, fixed estimates otherwise) fits in what is left, and
+runs under a time limit of what is left; a stage that does not fit is reported as skipped.
+--stages a,b runs only those (a second call, say). OUT/stages.json and OUT/summary.md are rewritten
+after every stage, so a command killed mid-stage still reports everything that ran. Exit code 1
+when any stage failed.
 
---smoke runs the same sequence on CPU on tiny synthetic data, few steps (CI runs it so the script
+--smoke runs the same sequence on CPU on tiny synthetic data, few steps (CI runs it so the module
 never rots); its figures mean nothing.
 """
 
@@ -40,7 +50,16 @@ VARIANTS = {  # name -> extra trainer flags; every variant is the spec run with 
     "spec": [],
     "reduce-overhead": ["--compile-mode", "reduce-overhead"],
     "tf32": ["--tf32"],
+    "max-autotune": ["--compile-mode", "max-autotune"],
 }
+STAGES = ["spec", "cuda-tests", "bench-loader", "bench-end-to-end", "reduce-overhead", "tf32", "max-autotune",
+          "profile", "timer-overhead"]
+# Seconds a stage is expected to take on a GPU machine, before anything is measured; the variants'
+# estimates are replaced by the spec stage's measured time (x2 for max-autotune's longer compile).
+ESTIMATE_S = {"spec": 150, "cuda-tests": 120, "bench-loader": 60, "bench-end-to-end": 120, "profile": 45,
+              "timer-overhead": 30}
+VARIANT_FACTOR = {"reduce-overhead": 1.0, "tf32": 1.0, "max-autotune": 2.0}
+BUDGET_S = 480  # 8 minutes: the whole command, imports and compilation included
 # Smoke: batches of 25 so that train (450), val (50) and test (capped at 3 batches) each yield one
 # batch size: one train and one eval graph to compile per run, on CPU, where compiling dominates.
 SMOKE_TRAIN = ["--epochs", "2", "--max-steps-per-epoch", "3", "--batch-size", "25"]
@@ -50,46 +69,101 @@ SMOKE_PROFILE = ["--epochs", "1", "--max-steps-per-epoch", "3", "--batch-size", 
                  "--profile-epoch", "1", "--profile-steps", "0,1,1"]
 
 
-def run_stage(name: str, cmd: list[str], out: Path, stages: dict, timeout_s: int) -> bool:
-    """Run one stage as a process, log its output to OUT/logs/NAME.log, note rc and wall time."""
-    log = out / "logs" / f"{name}.log"
-    print(f"[{name}] {' '.join(cmd)}", flush=True)
-    t0 = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])),
-           "PYTHONUNBUFFERED": "1"}
-    with open(log, "w") as f:
-        try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout_s,
-                                stdin=subprocess.DEVNULL).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-    seconds = time.perf_counter() - t0
-    lines = log.read_text(errors="replace").strip().splitlines()
-    stages[name] = {"rc": rc, "seconds": round(seconds, 1), "log": str(log), "last_line": lines[-1] if lines else ""}
-    ok = rc == 0
-    print(f"[{name}] {'ok' if ok else f'FAILED ({rc})'} in {seconds:.0f} s"
-          + ("" if ok else f": {stages[name]['last_line']}"), flush=True)
-    return ok
+class Check:
+    """The stages run so far, their report (stages.json, summary.md: rewritten after every stage) and
+    the budget: `time_left()` is what the command may still spend."""
+
+    def __init__(self, out: Path, budget_s: float | None, smoke: bool, device: str, synthetic: bool):
+        self.out, self.budget_s, self.smoke, self.device, self.synthetic = out, budget_s, smoke, device, synthetic
+        self.started = time.perf_counter()
+        self.stages: dict[str, dict] = {}
+
+    def time_left(self) -> float:
+        return float("inf") if self.budget_s is None else self.budget_s - (time.perf_counter() - self.started)
+
+    def note(self, name: str, rc: object, seconds: float, last_line: str, log: Path | None = None) -> None:
+        self.stages[name] = {"rc": rc, "seconds": round(seconds, 1), "log": str(log) if log else None,
+                             "last_line": last_line}
+        self.report()
+
+    def report(self) -> Path:
+        write_json_atomic(self.out / "stages.json", self.stages)
+        return write_summary(self.out, self.stages, self.smoke, self.device, self.synthetic)
+
+    def estimate(self, name: str) -> float:
+        """Seconds the stage is expected to take: the spec run's measured time for a variant of it;
+        under --smoke (CPU, a few steps) 10 s for anything not yet measured."""
+        if name in VARIANT_FACTOR and self.stages.get("spec", {}).get("rc") == 0:
+            return VARIANT_FACTOR[name] * self.stages["spec"]["seconds"]
+        if self.smoke:
+            return 10.0
+        return ESTIMATE_S.get(name, ESTIMATE_S["spec"] * VARIANT_FACTOR.get(name, 1.0))
+
+    def skip(self, name: str, why: str) -> None:
+        self.note(name, "skipped", 0.0, why)
+        print(f"[{name}] skipped: {why}", flush=True)
+
+    def run(self, name: str, cmd: list[str], timeout_s: float, budgeted: bool = True) -> bool:
+        """Run one stage as a process, its output in OUT/logs/NAME.log, within the time left (unless
+        not `budgeted`: the data every stage needs); note it."""
+        left = self.time_left() if budgeted else float("inf")
+        if left < self.estimate(name):
+            self.skip(name, f"budget: {max(left, 0):.0f} s left, the stage takes ~{self.estimate(name):.0f} s "
+                            f"(run it alone with --stages {name})")
+            return False
+        limit = max(1.0, min(timeout_s, left))
+        log = self.out / "logs" / f"{name}.log"
+        print(f"[{name}] {' '.join(cmd)}", flush=True)
+        t0 = time.perf_counter()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+        with open(log, "w") as f:
+            try:
+                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=limit,
+                                    stdin=subprocess.DEVNULL).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout" if limit == timeout_s else "timeout (budget)"
+        seconds = time.perf_counter() - t0
+        lines = log.read_text(errors="replace").strip().splitlines()
+        self.note(name, rc, seconds, lines[-1] if lines else "", log)
+        ok = rc == 0
+        print(f"[{name}] {'ok' if ok else f'FAILED ({rc})'} in {seconds:.0f} s"
+              + ("" if ok else f": {self.stages[name]['last_line']}"), flush=True)
+        return ok
 
 
-def prepare_data(data: Path | None, out: Path, smoke: bool, stages: dict) -> Path:
-    """A folder of betons: DATA itself, betons built from the archive DATA, or (smoke) synthetic ones."""
+def synthetic_archive(out: Path, smoke: bool) -> tuple[Path, list[str]]:
+    """A CIFAR-shaped archive of seeded random pixels written here (tiny under --smoke, else full size)
+    and the make_beton flags its counts need."""
+    from .synthetic import make_batches, write_archive
+
     if smoke:
-        from .synthetic import make_batches, write_archive
-
         archive = write_archive(out / "smoke-cifar.tar.gz", make_batches(per_batch=100, n_test=110))
-        extra = ["--val-per-class", "5", "--expect-counts", "500,110"]
-    elif data is not None and data.is_dir() and (data / "manifest.json").is_file():
-        stages["data"] = {"rc": 0, "seconds": 0.0, "log": None, "last_line": f"betons in {data}"}
-        return data
-    elif data is not None and data.is_file():
-        archive, extra = data, []
+        return archive, ["--val-per-class", "5", "--expect-counts", "500,110"]
+    with atomic_path(out / "synthetic-cifar.tar.gz") as tmp:
+        write_archive(tmp, make_batches(per_batch=10_000, n_test=10_000))
+    return out / "synthetic-cifar.tar.gz", []
+
+
+def prepare_data(data: str | None, check: Check) -> Path:
+    """A folder of betons: DATA itself, betons built from the archive DATA, or synthetic ones."""
+    out = check.out
+    if data is not None and data != "synthetic":
+        path = Path(data)
+        if path.is_dir() and (path / "manifest.json").is_file():
+            check.note("data", 0, 0.0, f"betons in {path}")
+            return path
+        if not path.is_file():
+            raise UserError(f"DATA must be a betons folder (with manifest.json), a CIFAR-10 archive or 'synthetic', "
+                            f"got {data}")
+        archive, extra = path, []
     else:
-        raise UserError(f"DATA must be a betons folder (with manifest.json) or a CIFAR-10 archive, got {data}")
+        t0 = time.perf_counter()
+        archive, extra = synthetic_archive(out, check.smoke)
+        print(f"[data] wrote {archive} (random pixels) in {time.perf_counter() - t0:.0f} s", flush=True)
     data_dir = out / "data"
-    run_stage("data", [sys.executable, "-m", "fastcifar.make_beton", "--source", str(archive),
-                       "--data-dir", str(data_dir),
-                       *extra], out, stages, timeout_s=600)
+    check.run("data", [sys.executable, "-m", "fastcifar.make_beton", "--source", str(archive),
+                       "--data-dir", str(data_dir), *extra], timeout_s=600, budgeted=False)
     return data_dir
 
 
@@ -98,15 +172,17 @@ def timer_overhead(device_name: str, smoke: bool, steps: int, out_json: Path) ->
     alternating 3 rounds each, each round timed with a synchronise at both ends."""
     import torch
 
+    from .env import adamw, set_cudnn
     from .model import resnetv2_20
     from .profiling import StepTimer
     from .utils import synchronize
 
     device = torch.device(device_name)
+    set_cudnn(device, deterministic=False)  # the trainer's defaults
     torch.manual_seed(0)
     model = resnetv2_20().to(device, memory_format=torch.channels_last)
     net = model if smoke else torch.compile(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer, _ = adamw(model.parameters(), device, lr=1e-3, weight_decay=1e-4)  # the trainer's
     x = torch.randn(128, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (128,), device=device)
 
@@ -140,14 +216,21 @@ def timer_overhead(device_name: str, smoke: bool, steps: int, out_json: Path) ->
     return result
 
 
-def _row(name: str, r: dict | None) -> str:
+CHANCE = " (chance: synthetic data)"
+
+
+def _row(name: str, r: dict | None, stage: dict | None, synthetic: bool) -> str:
     if r is None:
-        return f"| {name} | failed | | | | | | | | |"
-    return (f"| {name} | {r['total_training_time_s']:.1f} | {r['epoch_time_s']:.2f}"
-            f" | {r['epoch_time_excl_first_s']:.2f} | {r['inference_time_per_batch_ms']:.3f}"
+        verdict = "not run" if stage is None else {"skipped": "skipped"}.get(stage["rc"], "failed")
+        return f"| {name} | {verdict} | | | | | | | | | | |"
+    chance = CHANCE if synthetic else ""
+    startup = r.get("startup") or {}
+    warm = {True: "warm", False: "cold"}.get(startup.get("compile_cache_warm"), "")
+    return (f"| {name} | {r['total_training_time_s']:.1f} | {r.get('startup_s', float('nan')):.1f} {warm}"
+            f" | {r['epoch_time_s']:.2f} | {r['epoch_time_excl_first_s']:.2f} | {r['inference_time_per_batch_ms']:.3f}"
             f" | {r['last_epoch_train_loss']:.4f}"
-            f" | {100 * r['val_accuracy']:.2f} | {100 * r['test_accuracy']:.2f} | {r['data_fraction']:.4f}"
-            f" | {r.get('warm_up_s', float('nan')):.1f} |")
+            f" | {100 * r['val_accuracy']:.2f}{chance} | {100 * r['test_accuracy']:.2f}{chance}"
+            f" | {r['data_fraction']:.4f} | {r.get('warm_up_s', float('nan')):.1f} |")
 
 
 def _load(path: Path) -> dict | None:
@@ -157,11 +240,13 @@ def _load(path: Path) -> dict | None:
         return None
 
 
-def write_summary(out: Path, stages: dict, smoke: bool, device: str) -> Path:
+def write_summary(out: Path, stages: dict, smoke: bool, device: str, synthetic: bool = False) -> Path:
     import torch
 
     runs = {name: _load(out / "runs" / f"{name}.json") for name in [*VARIANTS, "profile"]}
     env = next((r["env"] for r in runs.values() if r), {})
+    data = ("synthetic: random pixels, full size (every speed figure as on CIFAR-10; accuracies are chance)"
+            if synthetic and not smoke else "CIFAR-10" if not smoke else "tiny synthetic")
     lines = [
         f"# fastcifar GPU check{' (SMOKE: CPU, synthetic data, few steps: figures mean nothing)' if smoke else ''}",
         "",
@@ -169,25 +254,34 @@ def write_summary(out: Path, stages: dict, smoke: bool, device: str) -> Path:
         f"- torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN "
         f"{torch.backends.cudnn.version() if torch.cuda.is_available() else None}, Python {sys.version.split()[0]}",
         f"- fastcifar commit {env.get('git_commit')}",
+        f"- data: {data}",
+        f"- cuDNN: {env.get('cudnn')}; optimizer: {env.get('optimizer')}",
         "",
         "## The six metrics per variant (ResNetV2-20, CIFAR-10, --compile)",
         "",
-        "| variant | total s | mean epoch s | epoch s excl. 1st | inference ms/batch | last train loss"
+        "start-up: process start to the first training step (compile caches warm or cold); warm-up: the "
+        "compilation before the first batch, inside start-up and total",
+        "",
+        "| variant | total s | start-up s | mean epoch s | epoch s excl. 1st | inference ms/batch | last train loss"
         " | val acc % | test acc % | data fraction | warm-up (compile) s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *(_row(name, runs[name]) for name in VARIANTS),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(_row(name, runs[name], stages.get(name), synthetic) for name in VARIANTS),
         "",
     ]
     bench = _load(out / "bench_loader.json")
     if bench:
-        lines += ["## Loader throughput, isolated (fastcifar.bench_loader)", "", "| pipeline | images/s | vs torch |",
-                  "|---|---:|---:|"]
-        lines += [f"| {k} | {v['images_per_s']:,.0f} | {v.get('ratio_to_torch', float('nan')):.2f}x |"
-                  for k, v in bench.items() if isinstance(v, dict) and "images_per_s" in v]
+        compute = bench.get("compute_only") or {}
+        lines += ["## Loader throughput, isolated (fastcifar.bench_loader)", "",
+                  f"headroom: images/s over the model's compute-only training images/s "
+                  f"({compute.get('images_per_s', float('nan')):,.0f} on this device): how many times faster the "
+                  "model could get before the pipeline is the bottleneck", "",
+                  "| pipeline | images/s | vs torch | headroom |", "|---|---:|---:|---:|"]
+        lines += [f"| {k} | {v['images_per_s']:,.0f} | {v.get('ratio_to_torch', float('nan')):.2f}x | "
+                  f"{v.get('headroom', float('nan')):.1f}x |"
+                  for k, v in bench.items() if isinstance(v, dict) and "images_per_s" in v and k != "compute_only"]
         lines.append("")
     e2e = _load(out / "bench_end_to_end.json")
     if e2e:
-
         lines += ["## Loaders end to end: training epochs of the spec model in rotated rounds "
                   "(fastcifar.bench_loader --end-to-end; median epoch, ratios paired by round)",
                   "", "| pipeline | epoch s | images/s | data fraction | vs synthetic | 95 % CI | vs memory |",
@@ -209,28 +303,86 @@ def write_summary(out: Path, stages: dict, smoke: bool, device: str) -> Path:
     for name, stage in stages.items():
         verdict = {0: "ok", "skipped": "skipped"}.get(stage["rc"], f"FAILED ({stage['rc']})")
         lines.append(f"| {name} | {verdict} | {stage['seconds']} | {stage['last_line'][:100].replace('|', '/')} |")
-    lines += ["", f"Total: {sum(v['seconds'] for v in stages.values()):.0f} s"]
+    lines += ["", f"Total: {sum(v['seconds'] for v in stages.values()):.0f} s of stages"]
     path = out / "summary.md"
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return path
 
 
+def stage_commands(name: str, args: argparse.Namespace, data_dir: Path, device: str) -> list[str] | None:
+    """The command line of one stage (None: the CUDA test lane, which needs a checkout and pytest)."""
+    py, out, smoke = sys.executable, args.out, args.smoke
+    train = [py, "-m", "fastcifar.train", "--data-dir", str(data_dir), "--device", device, "--compile",
+             "--out", str(out / "runs")]
+    if name in VARIANTS:
+        return [*train, *VARIANTS[name], "--run-name", name, *(SMOKE_TRAIN if smoke else [])]
+    if name == "bench-loader":
+        return [py, "-m", "fastcifar.bench_loader", "--data-dir", str(data_dir), "--device", device,
+                "--out", str(out / "bench_loader.json"),
+                *(["--epochs", "1", "--no-compile", "--compute-steps", "2"] if smoke else [])]
+    if name == "bench-end-to-end":
+        return [py, "-m", "fastcifar.bench_loader", "--data-dir", str(data_dir), "--device", device, "--end-to-end",
+                "--out", str(out / "bench_end_to_end.json"),
+                *(["--max-steps", "2", "--no-compile"] if smoke else ["--repeats", "5"])]
+    if name == "profile":
+        return [*train, "--run-name", "profile", "--profile-dir", str(out / "profiles"),
+                *(SMOKE_PROFILE if smoke else PROFILE)]
+    if name == "timer-overhead":
+        return [py, "-m", "fastcifar.gpu_check", "--device", device, *(["--smoke"] if smoke else []),
+                "--timer-overhead-only", str(out / "timer_overhead.json")]
+    return None
+
+
+def cuda_tests(check: Check, timeout_s: float) -> None:
+    tests = PACKAGE_ROOT / "tests" / "test_cuda.py"  # in a checkout; an installed package ships no tests
+    try:
+        import pytest  # noqa: F401
+    except ImportError:
+        return check.skip("cuda-tests", "pytest not installed")
+    if not tests.is_file():
+        return check.skip("cuda-tests", "no tests/ beside an installed fastcifar: run it from a checkout")
+    check.run("cuda-tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+                             "--rootdir", str(PACKAGE_ROOT), str(tests.parent)], timeout_s)
+
+
+def _stage_list(text: str | None) -> list[str]:
+    if text is None:
+        return list(STAGES)
+    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in STAGES]
+    if unknown or not chosen:
+        raise UserError(f"--stages: unknown stage(s) {', '.join(unknown) or '(none given)'}; choose from "
+                        f"{', '.join(STAGES)}")
+    return [name for name in STAGES if name in chosen]  # always in the order of value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="gpu_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=None, help="betons folder or CIFAR-10 archive (not with --smoke)")
+    p.add_argument("--data", default=None,
+                   help="betons folder, CIFAR-10 archive, or synthetic (default: synthetic, full size; "
+                        "tiny with --smoke)")
     p.add_argument("--out", type=Path, default=Path("results/gpu-check"), help="where results and summary.md go")
-    p.add_argument("--smoke", action="store_true", help="CPU, synthetic data, few steps: proves the script runs")
+    p.add_argument("--smoke", action="store_true", help="CPU, synthetic data, few steps: proves the module runs")
     p.add_argument("--device", default=None, help="default: cuda, or cpu with --smoke")
-    p.add_argument("--stage-timeout", type=int, default=600, help="seconds each stage may take")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help=f"seconds the whole command may take: stages that do not fit in what is left are skipped "
+                        f"(default {BUDGET_S}; none under --smoke, so that CI runs every stage; 0: none)")
+    p.add_argument("--stages", default=None, help=f"comma-separated, from {', '.join(STAGES)} (default: all)")
+    p.add_argument("--stage-timeout", type=int, default=600, help="seconds each stage may take at most")
     p.add_argument("--timer-overhead-only", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = args.device or ("cpu" if args.smoke else "cuda")
-    if args.timer_overhead_only:  # the timer-overhead stage, run by this script as its own process
+    if args.timer_overhead_only:  # the timer-overhead stage, run by this module as its own process
         timer_overhead(device, args.smoke, 3 if args.smoke else 200, args.timer_overhead_only)
         return 0
-    if not args.smoke and args.data is None:
-        raise UserError("give DATA: a betons folder or a CIFAR-10 archive (or SMOKE=1 for the CPU smoke run)")
+    stages = _stage_list(args.stages)
+    if args.smoke and args.data not in (None, "synthetic"):
+        raise UserError("--smoke runs on its own tiny synthetic data: leave out --data")
+    if args.budget_s is None:
+        args.budget_s = 0 if args.smoke else BUDGET_S
+    if args.budget_s < 0:
+        raise UserError(f"--budget-s must be >= 0, got {args.budget_s}")
     if device.startswith("cuda") and not args.smoke:
         import torch
 
@@ -242,47 +394,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         (out / "runs").mkdir(exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create {out}: {err.strerror or err}") from None
-    stages: dict = {}
-    t0 = time.perf_counter()
-    data_dir = prepare_data(args.data, out, args.smoke, stages)
-    py = sys.executable
-    train = [py, "-m", "fastcifar.train", "--data-dir", str(data_dir), "--device", device, "--compile",
-             "--out", str(out / "runs")]
-    tests = PACKAGE_ROOT / "tests" / "test_cuda.py"  # in a checkout; an installed package ships no tests
-    try:
-        import pytest  # noqa: F401
-    except ImportError:
-        stages["cuda-tests"] = {"rc": "skipped", "seconds": 0.0, "log": None, "last_line": "pytest not installed"}
+    check = Check(out, args.budget_s or None, args.smoke, device, synthetic=args.data in (None, "synthetic"))
+    data_dir = prepare_data(args.data, check)
+    if check.stages.get("data", {}).get("rc") not in (None, 0):
+        for name in stages:
+            check.skip(name, "no data: the data stage failed")
     else:
-        if tests.is_file():
-            run_stage("cuda-tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                                     "--rootdir", str(PACKAGE_ROOT), str(tests.parent)],
-                      out, stages, args.stage_timeout)
-        else:
-            stages["cuda-tests"] = {"rc": "skipped", "seconds": 0.0, "log": None,
-                                    "last_line": "no tests/ beside an installed fastcifar: run it from a checkout"}
-    run_stage("bench-loader", [py, "-m", "fastcifar.bench_loader", "--data-dir", str(data_dir), "--device", device,
-                               "--out", str(out / "bench_loader.json"),
-                               *(["--epochs", "1", "--no-compile"] if args.smoke else [])],
-              out, stages, args.stage_timeout)
-    run_stage("bench-end-to-end", [py, "-m", "fastcifar.bench_loader", "--data-dir", str(data_dir), "--device", device,
-                                   "--end-to-end", "--out", str(out / "bench_end_to_end.json"),
-                                   *(["--max-steps", "2", "--no-compile"] if args.smoke else ["--repeats", "5"])],
-              out, stages, args.stage_timeout)
-    for name, flags in VARIANTS.items():
-        run_stage(name, [*train, *flags, "--run-name", name, *(SMOKE_TRAIN if args.smoke else [])],
-                  out, stages, args.stage_timeout)
-    run_stage("profile", [*train, "--run-name", "profile", "--profile-dir", str(out / "profiles"),
-                          *(SMOKE_PROFILE if args.smoke else PROFILE)], out, stages, args.stage_timeout)
-    run_stage("timer-overhead", [py, "-m", "fastcifar.gpu_check", "--device", device,
-                                 *(["--smoke"] if args.smoke else []),
-                                 "--timer-overhead-only", str(out / "timer_overhead.json")],
-              out, stages, args.stage_timeout)
-    write_json_atomic(out / "stages.json", stages)
-    summary = write_summary(out, stages, args.smoke, device)
-    failed = [k for k, v in stages.items() if v["rc"] not in (0, "skipped")]
-    print(f"\n{summary.read_text()}\ngpu-check: {len(stages) - len(failed)}/{len(stages)} stages ok in "
-          f"{time.perf_counter() - t0:.0f} s; summary: {summary}")
+        for name in stages:
+            if name == "cuda-tests":
+                cuda_tests(check, args.stage_timeout)
+            else:
+                check.run(name, stage_commands(name, args, data_dir, device), args.stage_timeout)
+    summary = check.report()
+    failed = [k for k, v in check.stages.items() if v["rc"] not in (0, "skipped")]
+    skipped = [k for k, v in check.stages.items() if v["rc"] == "skipped"]
+    print(f"\n{summary.read_text()}\ngpu-check: {len(check.stages) - len(failed) - len(skipped)}/{len(check.stages)} "
+          f"stages ok, {len(skipped)} skipped, in {time.perf_counter() - check.started:.0f} s; summary: {summary}")
     if failed:
         print(f"gpu-check: failed stages: {', '.join(failed)} (logs in {out / 'logs'})", file=sys.stderr)
     return 1 if failed else 0

@@ -58,6 +58,13 @@ def collect(run_name: str, total_training_time_s: float, epochs: list[dict], tes
     }
 
 
+def startup_text(startup: dict) -> str:
+    """'12.3 s (compile caches warm)': the process start to the first training step."""
+    warm = startup.get("compile_cache_warm")
+    cache = "" if warm is None else f" (compile caches {'warm' if warm else 'cold'})"
+    return f"{startup['startup_s']:.1f} s{cache}"
+
+
 def summary_table(results: dict) -> str:
     rows = [
         ("data pipeline (--loader)", results["config"]["loader"]),
@@ -72,6 +79,8 @@ def summary_table(results: dict) -> str:
         ("data / compute time", f"{results['data_time_s']:.1f} s / {results['compute_time_s']:.1f} s "
                                 f"(data fraction {results['data_fraction']:.3f})"),
     ]
+    if "startup" in results:
+        rows.insert(2, ("start-up (to the first step)", startup_text(results["startup"])))
     world = results["env"].get("world_size", 1)
     if world > 1:
         per_process = results["config"]["batch_size"] // world

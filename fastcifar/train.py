@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import __version__, distributed
 from .data import LOADERS, make_loaders, split_sizes
-from .env import environment, seconds_since_process_start, set_float32_precision
+from .env import adamw, environment, seconds_since_process_start, set_cudnn, set_float32_precision
 from .model import count_parameters, resnetv2_20
 from .precompile import frozen, mark_step, warm_up_run
 from .profiling import (
@@ -73,6 +73,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="torch.compile mode of the model, with --compile (the device op always uses default)")
     p.add_argument("--tf32", action="store_true",
                    help="let cuDNN convolutions and matmuls use TF32 on GPUs (not float32: off by default)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="on CUDA: cuDNN's deterministic algorithms, no autotuning (default: cudnn.benchmark)")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, metavar="N",
                    help="stop each epoch (and each evaluation) after N batches: for smoke runs")
     p.add_argument("--out", type=Path, default=Path("results"), help="results folder")
@@ -110,12 +112,13 @@ def _batches(loader, max_steps: int | None) -> int:
 
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, device: torch.device,
                 timer: StepTimer, max_steps: int | None = None, desc: str = "train",
-                on_step=None, compile_mode: str | None = None) -> dict:
+                on_step=None, compile_mode: str | None = None, on_first_batch=None) -> dict:
     """One pass over the train loader. Loss and accuracy are summed on the device (no per-step sync).
     Under torchrun the sums and counts are added over the ranks, the epoch takes as long as the
     slowest rank, and the data/compute split is each rank's (their mean here, every rank's in *_per_rank).
 
-    on_step(loss), when given, runs after every optimizer step (the profiler's step, tests' spies).
+    on_step(loss), when given, runs after every optimizer step (the profiler's step, tests' spies);
+    on_first_batch(), when the first batch is in hand, before its step (the run's start-up ends there).
     Under --compile-mode reduce-overhead the model's outputs are CUDA-graph buffers that the next
     step overwrites: they are folded into the sums before the next step is launched, never kept.
     """
@@ -138,6 +141,8 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, devi
             break
         images, labels, _ = batch
         timer.data_end()
+        if on_first_batch is not None and timer.steps == 0:
+            on_first_batch()
         mark_step(compile_mode)
         with record_function(FORWARD_RANGE):
             logits = model(images)
@@ -224,8 +229,38 @@ def evaluate(model: nn.Module, loader, device: torch.device, max_steps: int | No
             "forward_ms_per_batch": max(forward_ms), "forward_incl_data_ms_per_batch": max(incl_data_ms)}
 
 
+def compile_cache_counts() -> dict:
+    """Inductor's FX-graph cache hits and misses so far in this process: with --compile, zero misses
+    means every graph came from the cache (a warm start), any miss that something was compiled anew."""
+    from torch._dynamo.utils import counters
+
+    return {"fx_graph_hits": int(counters["inductor"]["fxgraph_cache_hit"]),
+            "fx_graph_misses": int(counters["inductor"]["fxgraph_cache_miss"])}
+
+
+def out_of_memory(device: torch.device, batch_size: int) -> str:
+    """The one line for a GPU that ran out of memory: the batch size and what the device has."""
+    if device.type != "cuda":
+        return f"out of memory with --batch-size {batch_size} on {device_name(device)}: use a smaller --batch-size"
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    return (f"out of GPU memory with --batch-size {batch_size} on {device_name(device)} ({total / 2**30:.1f} GiB, "
+            f"{free / 2**30:.1f} GiB free after the failure): use a smaller --batch-size")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    entered = seconds_since_process_start()  # the interpreter's start-up and our imports (torch's, FFCV's)
     args = parse_args(argv)
+    try:
+        return run(args, entered)
+    except torch.cuda.OutOfMemoryError:  # a RuntimeError, which run_cli would leave as a traceback (a bug's)
+        cuda = torch.cuda.is_available()
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        raise UserError(out_of_memory(device, args.batch_size)) from None
+
+
+def run(args: argparse.Namespace, entered: float) -> int:
+    """The run `main` starts: set-up, warm-up, the epochs, the test, the results."""
     world_size = distributed.ranks_from_env().world_size
     if args.batch_size % world_size:  # before any process group: every rank says it and exits
         raise UserError(f"--batch-size {args.batch_size} (the global batch) does not split evenly over "
@@ -242,12 +277,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     compile_mode = args.compile_mode if args.compile else None
     precision = set_float32_precision(device, args.tf32)
+    cudnn = set_cudnn(device, args.deterministic)
     env = environment(device, loader=args.loader, compile=args.compile, compile_mode=compile_mode,
-                      precision=precision, seed=args.seed, world_size=ranks.world_size)
+                      precision=precision, cudnn=cudnn, seed=args.seed, world_size=ranks.world_size)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    startup = {"python_and_imports_s": entered, "setup_s": seconds_since_process_start() - entered}
     loaders = make_loaders(args.data_dir, device, batch_size, args.workers, args.seed,
                            compile_augment=args.compile, loader=args.loader, rank=ranks.rank,
-                           world_size=ranks.world_size)
+                           world_size=ranks.world_size, timings=startup)
+    built = seconds_since_process_start()
     if hasattr(loaders["train"], "transforms"):  # --loader torch: torchvision's, or the plain-torch fallback
         env["torch_transforms"] = loaders["train"].transforms
         say(f"note: --loader torch runs {env['torch_transforms']} transforms", flush=True)
@@ -255,9 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("note: --loader synthetic feeds one fixed random batch: it measures the compute-only floor "
             "and trains nothing meaningful (its accuracies are chance)", flush=True)
     model = resnetv2_20().to(device=device, memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
-                                  weight_decay=args.weight_decay)
+    optimizer, env["optimizer"] = adamw(model.parameters(), device, args.lr, args.weight_decay)
     net = distributed.wrap(model, device, compile_mode)  # torch.compile and, under torchrun, DDP
+    env["process_group"] = distributed.backend()
     processes = ""
     if ranks.world_size > 1:  # FFCV's and torch's DistributedSampler pad the split to a multiple of N
         repeated = loaders["train"].images * ranks.world_size - split_sizes(args.data_dir)["train"]
@@ -269,11 +307,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True)
     # Every compilation now, on this thread, before FFCV's threads start (see precompile.py).
     synchronize(device)
+    startup["model_s"] = seconds_since_process_start() - built
     t0 = time.perf_counter()
     sizes = warm_up_run(net, model, loaders, device, batch_size, args.max_steps_per_epoch, compile_mode,
                         compiled=args.compile)
     synchronize(device)
     warm_up_s = time.perf_counter() - t0
+    startup["compile_s"] = warm_up_s
+    compile_cache = compile_cache_counts() if args.compile else None
+    warm_up_done = seconds_since_process_start()
+
+    def first_step() -> None:  # the first batch is in hand: start-up ends, training begins
+        now = seconds_since_process_start()
+        startup.update(first_batch_s=now - warm_up_done, startup_s=now)
     device_op = getattr(loaders["train"].augment, "choice", None)
     if args.compile:
         say(warm_up_line(sizes, warm_up_s, device_op), flush=True)
@@ -291,7 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             with profiler or contextlib.nullcontext():
                 stats = train_epoch(net, loaders["train"], optimizer, device, timer, args.max_steps_per_epoch,
                                     desc=f"epoch {epoch}/{args.epochs}" + (" (profiling)" if profiler else ""),
-                                    on_step=profiler.step if profiler else None, compile_mode=compile_mode)
+                                    on_step=profiler.step if profiler else None, compile_mode=compile_mode,
+                                    on_first_batch=first_step if epoch == 1 else None)
             traces = profiler.traces if profiler else traces
             distributed.sync_buffers(model)  # every rank scores the model rank 0 saves
             val = evaluate(scorer, loaders["val"], device, args.max_steps_per_epoch, desc="val",
@@ -316,6 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if profile else None
     results = collect(run_name, total_training_time, epochs, test, config, env, profiled)
     results["warm_up_s"] = warm_up_s
+    results["startup_s"] = startup["startup_s"]
+    results["startup"] = {**startup, "compile_cache": compile_cache,
+                          "compile_cache_warm": None if compile_cache is None else
+                          compile_cache["fx_graph_misses"] == 0 and compile_cache["fx_graph_hits"] > 0}
     results["device_op"] = device_op
     weights = args.out / f"{run_name}.pt"
     with atomic_path(weights) as tmp:

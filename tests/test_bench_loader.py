@@ -22,12 +22,17 @@ def bench(*args: str) -> subprocess.CompletedProcess:
 def test_isolated_and_end_to_end(small_data, tmp_path):
     out = tmp_path / "bench.json"
     result = bench("--data-dir", str(small_data), "--device", "cpu", "--epochs", "1", "--batch-size", "64",
-                   "--no-compile", "--loaders", "ffcv,torch,memory", "--out", str(out))
+                   "--no-compile", "--loaders", "ffcv,torch,memory", "--compute-steps", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
+    compute = data["compute_only"]
+    assert compute["steps"] == 2 and compute["images_per_s"] > 0
     for name in ("ffcv", "torch", "memory"):
         assert data[name]["images_per_s"] > 0 and data[name]["images_per_epoch"] == 450
         assert name in result.stdout
+        # headroom: what the pipeline delivers over what the model consumes, on the same device
+        assert data[name]["headroom"] == pytest.approx(data[name]["images_per_s"] / compute["images_per_s"])
+    assert "headroom" in result.stdout
     assert data["torch"]["ratio_to_torch"] == 1.0 and data["mode"] == "isolated" and "vs torch" in result.stdout
 
     out = tmp_path / "e2e.json"

@@ -16,6 +16,7 @@ import torch
 
 from fastcifar.augment import IMAGENET_MEAN, IMAGENET_STD, crop_flip_normalize
 from fastcifar.data import make_loader, make_loaders, read_beton
+from fastcifar.env import adamw
 from fastcifar.model import resnetv2_20
 from fastcifar.precompile import frozen, warm_up_run
 from fastcifar.profiling import DATA_RANGE, StepTimer
@@ -53,26 +54,121 @@ def _epoch(loader):
     return torch.cat(xs), torch.cat(ys), torch.cat(idx)
 
 
+def _dali_if(loader: str) -> None:
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali", reason="the dali extra is not installed: DALI's GPU pipeline untested")
+
+
+@pytest.mark.parametrize("loader", ["ffcv", "memory", "torch", "dali"])
 @pytest.mark.parametrize("batch_size", [10, 16])
-def test_cuda_loaders_yield_every_image_once(small_data, batch_size):
+def test_cuda_loaders_yield_every_image_once(small_data, batch_size, loader):
+    """Every pipeline's contract on the GPU: val/test in order, train every image once per epoch."""
+    _dali_if(loader)
+    loaders = make_loaders(small_data, CUDA, batch_size, 0 if loader == "torch" else 2, seed=3, loader=loader)
     for split in ("val", "test"):
         beton = read_beton(small_data / f"{split}.beton", ("index",))
-        images, labels, indices = _epoch(make_loader(small_data / f"{split}.beton", CUDA, batch_size, 2))
+        images, labels, indices = _epoch(loaders[split])
         assert images.is_cuda and labels.is_cuda and indices.is_cuda
+        assert images.is_contiguous(memory_format=torch.channels_last) and images.dtype == torch.float32
         assert indices.tolist() == beton["index"].tolist()
-    train = make_loader(small_data / "train.beton", CUDA, batch_size, 2, train=True, seed=3)
     expected = sorted(read_beton(small_data / "train.beton", ("index",))["index"].tolist())
     for _ in range(2):
-        images, _, indices = _epoch(train)
+        images, _, indices = _epoch(loaders["train"])
         assert sorted(indices.tolist()) == expected and images.shape[0] == len(expected)
 
 
-def test_same_seed_same_batches_on_cuda(small_data):
-    path = small_data / "train.beton"
-    a = _epoch(make_loader(path, CUDA, 64, 2, train=True, seed=7, compile_augment=False))
-    b = _epoch(make_loader(path, CUDA, 64, 2, train=True, seed=7, compile_augment=False))
+@pytest.mark.parametrize("loader", ["ffcv", "memory", "torch", "dali"])
+def test_same_seed_same_batches_on_cuda(small_data, loader):
+    _dali_if(loader)
+    workers = 0 if loader == "torch" else 2
+    a = _epoch(make_loaders(small_data, CUDA, 64, workers, seed=7, loader=loader)["train"])
+    b = _epoch(make_loaders(small_data, CUDA, 64, workers, seed=7, loader=loader)["train"])
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
+
+
+def test_a_batch_kept_past_later_iterations_is_unchanged(small_data):
+    """FFCV fills batches on a side stream and reuses their memory; DeviceBatches records every tensor
+    on the consumer's stream, so batch k kept while the loader goes on to k+3 must not change."""
+    loader = make_loader(small_data / "train.beton", CUDA, 16, 2, train=True, seed=0)
+    batches = iter(loader)
+    kept = next(batches)
+    copies = [t.clone() for t in kept]  # taken at once, on the consumer's stream
+    for _ in range(3):
+        next(batches)
+    batches.close()
+    torch.cuda.synchronize()
+    for tensor, copy in zip(kept, copies, strict=True):
+        assert torch.equal(tensor, copy)
+
+
+def test_fused_adamw_equals_the_unfused_steps():
+    """The trainer's AdamW on CUDA is fused=True (env.adamw): a few steps equal the foreach ones."""
+    x = torch.randn(64, 3, 32, 32, device=CUDA).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (64,), device=CUDA)
+    params = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = resnetv2_20().to(CUDA, memory_format=torch.channels_last)
+        if fused:
+            optimizer, chosen = adamw(model.parameters(), CUDA, lr=1e-3, weight_decay=1e-4)
+            assert chosen == {"name": "AdamW", "fused": True}
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4,
+                                          foreach=True)
+        for _ in range(5):
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        params.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*params, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def _train(*args: str, helper: str | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    head = [str(ROOT / "tests" / "helpers" / helper)] if helper else ["-m", "fastcifar.train"]
+    return subprocess.run([sys.executable, *head, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_the_trainer_records_the_cuda_defaults(small_data, tmp_path):
+    result = _train("--data-dir", str(small_data), "--device", "cuda", "--epochs", "1", "--max-steps-per-epoch",
+                    "2", "--out", str(tmp_path), "--run-name", "defaults")
+    assert result.returncode == 0, result.stderr[-3000:]
+    env = json.loads((tmp_path / "defaults.json").read_text())["env"]
+    assert env["cudnn"] == {"cudnn_benchmark": True, "cudnn_deterministic": False, "applies": True}
+    assert env["optimizer"] == {"name": "AdamW", "fused": True}
+    result = _train("--data-dir", str(small_data), "--device", "cuda", "--epochs", "1", "--max-steps-per-epoch",
+                    "2", "--out", str(tmp_path), "--run-name", "det", "--deterministic")
+    assert result.returncode == 0, result.stderr[-3000:]
+    env = json.loads((tmp_path / "det.json").read_text())["env"]
+    assert env["cudnn"]["cudnn_benchmark"] is False and env["cudnn"]["cudnn_deterministic"] is True
+
+
+def test_nccl_with_one_process_under_torchrun(small_data, tmp_path):
+    """torchrun --nproc_per_node=1 takes the distributed path on the one GPU: an NCCL process group,
+    DDP around the compiled model, one results JSON, every val/test image scored once."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "fastcifar.train",
+         "--device", "cuda", "--compile", "--epochs", "1", "--max-steps-per-epoch", "3", "--data-dir",
+         str(small_data), "--out", str(tmp_path), "--run-name", "nccl"],
+        capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nccl.json", "nccl.pt"]
+    run = json.loads((tmp_path / "nccl.json").read_text())
+    assert run["env"]["process_group"] == "nccl" and run["env"]["world_size"] == 1
+    assert (run["val_images"], run["test_images"]) == (50, 110)
+
+
+def test_running_out_of_gpu_memory_is_one_line(small_data, tmp_path):
+    """The GPU capped to a sliver of its memory (tests/helpers/small_gpu.py), a batch that cannot fit:
+    one line naming the batch size and the device's memory, exit 2, no results written."""
+    result = _train("0.002", "--data-dir", str(small_data), "--device", "cuda", "--batch-size", "450",
+                    "--epochs", "1", "--out", str(tmp_path), "--run-name", "oom", helper="small_gpu.py")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert "out of GPU memory" in lines[0] and "--batch-size 450" in lines[0] and "GiB" in lines[0]
+    assert not list(tmp_path.glob("oom.*"))
 
 
 def _first_steps(small_data: Path, mode: str | None, steps: int = 3, batch_size: int = 64):
@@ -81,7 +177,7 @@ def _first_steps(small_data: Path, mode: str | None, steps: int = 3, batch_size:
     torch.manual_seed(0)
     model = resnetv2_20().to(CUDA, memory_format=torch.channels_last)
     net = torch.compile(model, mode=mode) if mode else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4)
+    optimizer, _ = adamw(model.parameters(), CUDA, lr=1e-3, weight_decay=1e-4)  # the trainer's: fused
     loaders = make_loaders(small_data, CUDA, batch_size, 2, seed=0, compile_augment=mode is not None)
     warm_up_run(net, model, loaders, CUDA, batch_size, steps, mode)
     losses: list[float] = []

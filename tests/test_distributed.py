@@ -204,6 +204,18 @@ def test_two_nodes_train_like_two_processes(small_data, tmp_path, one_process_st
     assert_same_step(one_process_step, torch.load(step))
 
 
+def test_one_process_under_torchrun_takes_the_distributed_path(small_data, tmp_path):
+    """torchrun --nproc_per_node=1: a process group (gloo here, NCCL on a GPU) and DDP with one rank,
+    so the distributed path can be exercised on a machine with one GPU."""
+    proc = torchrun("-m", "fastcifar.train", "--device", "cpu", "--epochs", "1", "--max-steps-per-epoch", "2",
+                    "--data-dir", str(small_data), "--out", str(tmp_path), "--run-name", "one", "--workers", "1",
+                    nproc=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "one.json").read_text())
+    assert result["env"]["process_group"] == "gloo" and result["env"]["world_size"] == 1
+    assert (result["val_images"], result["test_images"]) == (50, 110)
+
+
 def test_a_failing_rank_ends_the_run_quickly(small_data, tmp_path):
     """Rank 1 fails inside training; the helper writes the moment into a file of its own (never into
     the output torchrun merges from both ranks), and the whole run must end within a minute of it."""

@@ -107,6 +107,35 @@ def test_cli_writes_six_metrics_and_weights(cli_run):
     assert metrics["env"]["seed"] == 0 and metrics["env"]["torch"] == torch.__version__
     assert metrics["test_images"] == 110 and metrics["val_images"] == 50  # one capped batch holds each split
     assert "test accuracy (110)" in result.stdout and "epoch  2/2" in result.stdout
+    # what ran: no process group without torchrun, the CPU's AdamW, cuDNN's settings not applying
+    env = metrics["env"]
+    assert env["process_group"] is None and env["optimizer"] == {"name": "AdamW", "fused": False}
+    assert env["cudnn"]["applies"] is False
+    # start-up: process start -> first training step, and the pieces it is made of
+    startup = metrics["startup"]
+    pieces = ("python_and_imports_s", "setup_s", "betons_check_s", "loaders_s", "model_s", "compile_s",
+              "first_batch_s")
+    assert metrics["startup_s"] == startup["startup_s"] and 0 < metrics["startup_s"] < metrics["total_training_time_s"]
+    assert all(startup[k] >= 0 for k in pieces)
+    assert sum(startup[k] for k in pieces) == pytest.approx(startup["startup_s"], abs=0.3 + 0.05 * startup["startup_s"])
+    assert startup["compile_cache"] is None and startup["compile_cache_warm"] is None  # eager: nothing compiled
+    assert "start-up (to the first step)" in result.stdout
+
+
+def test_running_out_of_gpu_memory_is_a_user_error(small_data, tmp_path, monkeypatch):
+    """torch.cuda.OutOfMemoryError is a RuntimeError, which run_cli leaves as a traceback: the trainer
+    turns it into one line naming the batch size (the CUDA lane runs a real one)."""
+    from fastcifar import train
+    from fastcifar.utils import UserError
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "train_epoch", out_of_memory)
+    with pytest.raises(UserError, match="out of memory with --batch-size 64 on .*use a smaller --batch-size"):
+        train.main(["--data-dir", str(small_data), "--device", "cpu", "--loader", "memory", "--batch-size", "64",
+                    "--out", str(tmp_path), "--run-name", "oom"])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_evaluate_reproduces_the_run(cli_run, small_data):
