@@ -116,6 +116,22 @@ def test_train_loader_shuffles_covers_everything_and_is_seeded(small_data):
     assert epoch1[1].tolist() == [label_of[i] for i in epoch1[2].tolist()]
 
 
+def test_val_and_test_loaders_are_built_when_first_iterated(small_data):
+    """Off the start-up path: make_loaders builds (and numba-compiles) only train's FFCV Loader; val and
+    test are built by their first iter(), before any batch is asked for, with the same contract."""
+    from fastcifar.data import make_loaders
+
+    loaders = make_loaders(small_data, CPU, 16, 2, seed=0)
+    for split, images in [("val", 50), ("test", 110)]:
+        deferred = loaders[split]
+        assert deferred.inner is None and deferred.images == images and len(deferred) == -(-images // 16)
+        batches = iter(deferred)
+        assert deferred.inner is not None  # built at iter(), not inside the first (timed) next()
+        indices = torch.cat([b[2] for b in batches]).tolist()
+        assert indices == read_beton(small_data / f"{split}.beton", ("index",))["index"].tolist()
+        assert len(deferred) == len(deferred.inner)
+
+
 def test_leaving_an_epoch_early_stops_ffcvs_thread(small_data):
     """A process that exits while FFCV's thread is mid-batch aborts (exit 134): leaving an epoch
     early must leave no loader thread running."""

@@ -11,6 +11,7 @@ What runs where:
 from __future__ import annotations
 
 import atexit
+import functools
 import threading
 import weakref
 from collections.abc import Iterator
@@ -220,10 +221,41 @@ def make_loader(
     return DeviceBatches(loader, images, augment)
 
 
+class DeferredBatches:
+    """A val/test loader whose FFCV Loader is built when it is first iterated, not at start-up.
+
+    Why: every FFCV Loader compiles its pipeline with numba when it is constructed (about as long as
+    FFCV's import), and nothing of val or test is needed before the first training step; built here,
+    they would lengthen the start-up by two such compilations. Built on first `iter()` — on the
+    calling (main) thread and before the caller's first `next()`, so no timed batch includes it.
+    Same contract as DeviceBatches: len(), `images`, `augment` (None until built: eval's is not compiled)."""
+
+    def __init__(self, build, images: int, batch_size: int):
+        self.build, self.images, self.batch_size = build, images, max(1, min(batch_size, images))
+        self.inner: DeviceBatches | None = None
+
+    def __len__(self) -> int:
+        return -(-self.images // self.batch_size)
+
+    @property
+    def augment(self) -> nn.Module | None:
+        return self.inner.augment if self.inner is not None else None
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if self.inner is None:
+            self.inner = self.build()
+        return iter(self.inner)
+
+
 def make_loaders(data_dir: Path, device: torch.device, batch_size: int, workers: int, seed: int,
                  compile_augment: bool, counts: dict[str, int], rank: int = 0,
-                 world_size: int = 1) -> dict[str, DeviceBatches]:
-    return {split: make_loader(Path(data_dir) / f"{split}.beton", device, batch_size, workers,
-                               train=split == "train", seed=seed, compile_augment=compile_augment,
-                               rank=rank, world_size=world_size)
+                 world_size: int = 1) -> dict[str, DeviceBatches | DeferredBatches]:
+    """train built now (its device op is compiled before the first batch); val and test deferred."""
+    def loader(split: str) -> DeviceBatches:
+        return make_loader(Path(data_dir) / f"{split}.beton", device, batch_size, workers, train=split == "train",
+                           seed=seed, compile_augment=compile_augment, rank=rank, world_size=world_size)
+
+    return {split: loader(split) if split == "train" else
+            DeferredBatches(functools.partial(loader, split), rank_images(counts[split], False, rank, world_size),
+                            batch_size)
             for split in counts}
