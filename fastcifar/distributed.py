@@ -11,6 +11,7 @@ distributed path runs whatever the number of processes, one included.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -120,7 +121,14 @@ def is_main() -> bool:
 
 
 def cleanup() -> None:
+    """Destroy the process group now, while the interpreter is fully alive, after collecting what still
+    refers to it (DDP's reducer does, from reference cycles): call it once the DDP wrapper is out of
+    scope. A process group that outlives this (a DDP wrapper alive until interpreter shutdown) is torn
+    down with gloo's worker threads during finalization, a known way to abort with "terminate called
+    without an active exception" (pytorch#179291); once in 20 two-node launches of
+    tests/helpers/ddp_first_step.py, whose wrapper was a module global, rank 1 exited so (SIGABRT)."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -252,11 +252,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     entered = seconds_since_process_start()  # the interpreter's start-up and our imports (torch's, FFCV's)
     args = parse_args(argv)
     try:
-        return run(args, entered)
+        code = run(args, entered)
     except torch.cuda.OutOfMemoryError:  # a RuntimeError, which run_cli would leave as a traceback (a bug's)
         cuda = torch.cuda.is_available()
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         raise UserError(out_of_memory(device, args.batch_size)) from None
+    distributed.cleanup()  # under torchrun: after run's frame, and the DDP wrapper in it, are gone
+    return code
 
 
 def run(args: argparse.Namespace, entered: float) -> int:
@@ -356,7 +358,6 @@ def run(args: argparse.Namespace, entered: float) -> int:
                         compile_mode=compile_mode)
 
     if not ranks.main:
-        distributed.cleanup()
         return 0
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "profile_schedule"}
     profiled = {"dir": str(profile_dir), "epoch": profile_epoch, "traces": [str(t) for t in traces]} \
@@ -378,7 +379,6 @@ def run(args: argparse.Namespace, entered: float) -> int:
     if args.profile:
         print(f"profile: {', '.join(map(str, traces)) or 'no trace (window longer than the epoch?)'}; "
               f"view with: tensorboard --logdir {args.profile_dir}")
-    distributed.cleanup()
     return 0
 
 

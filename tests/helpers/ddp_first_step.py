@@ -38,4 +38,5 @@ stats = train_epoch(net, train, optimizer, device, StepTimer(device), max_steps=
 assert stats["train_images"] == 128, stats
 if ranks.main:
     torch.save({name: p.detach() for name, p in model.named_parameters()}, out)
+del net, optimizer  # the DDP wrapper first: cleanup() destroys the process group once nothing holds it
 distributed.cleanup()
