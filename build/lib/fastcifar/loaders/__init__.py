@@ -1,1 +1,0 @@
-"""One module per data pipeline; `fastcifar.data.make_loaders(..., loader=NAME)` picks one."""
