@@ -121,27 +121,33 @@ class RandomCropFlip(nn.Module):
     def warm_up(self, sizes: list[int], height: int = 32, width: int = 32) -> None:
         """Compile the op for each batch size on zeros laid out as FFCV hands them over (an NCHW view
         of NHWC uint8), without drawing from the generator: the run's augmentation is unchanged.
-        Then keep the compiled op only where it measurably helps (`choice`): on an Intel Xeon
-        (AVX-512) it ran faster than eager, on an AMD EPYC (AVX2) 1.3x slower."""
+        Keep the compiled op only where it measurably helps (`choice`, timed on the first size): on
+        an Intel Xeon (AVX-512) it ran faster than eager, on an AMD EPYC (AVX2) 1.3-2x slower."""
         with torch_threads(self.threads):
             self._warm_up(sizes, height, width)
 
     def _warm_up(self, sizes: list[int], height: int, width: int) -> None:
         device = self.normalize.mean.device
-        args = {}
-        for n in sizes:
+
+        def inputs(n: int) -> tuple:
             images = torch.zeros(n, height, width, 3, dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
-            args[n] = (images, torch.zeros(n, 2, dtype=torch.int64, device=device),
-                       torch.zeros(n, dtype=torch.bool, device=device), self.normalize.mean, self.normalize.std,
-                       self.pad, self.size)
-            self.op(*args[n])
-        if self.compiled and sizes:
-            ms = {name: _ms_per_call(op, args[sizes[0]]) for name, op in
-                  [("compiled", self.op), ("eager", crop_flip_normalize)]}
-            self.choice = {"op": "compiled" if ms["compiled"] < ms["eager"] else "eager", "batch": sizes[0],
-                           **{f"{k}_ms": round(v, 4) for k, v in ms.items()}}
-            if self.choice["op"] == "eager":
-                self.op = crop_flip_normalize
+            return (images, torch.zeros(n, 2, dtype=torch.int64, device=device),
+                    torch.zeros(n, dtype=torch.bool, device=device), self.normalize.mean, self.normalize.std,
+                    self.pad, self.size)
+
+        if not (self.compiled and sizes):
+            return
+        # The first size (the full batch: nearly every batch of an epoch) decides; the other sizes
+        # are compiled only when the compiled op is kept (each is one more compilation at start-up).
+        first = inputs(sizes[0])
+        ms = {name: _ms_per_call(op, first) for name, op in [("compiled", self.op), ("eager", crop_flip_normalize)]}
+        self.choice = {"op": "compiled" if ms["compiled"] < ms["eager"] else "eager", "batch": sizes[0],
+                       **{f"{k}_ms": round(v, 4) for k, v in ms.items()}}
+        if self.choice["op"] == "eager":
+            self.op = crop_flip_normalize
+            return
+        for n in sizes[1:]:
+            self.op(*inputs(n))
 
     def draw(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image crop offsets (N, 2) in [0, 2*pad] and flip flags (N,)."""

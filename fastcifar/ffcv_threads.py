@@ -1,10 +1,18 @@
-"""Importing FFCV without losing torch's intra-op threads.
+"""Importing FFCV: in well under a second, and without losing torch's intra-op threads.
 
-FFCV 1.0.2's `Compiler.set_num_threads(n)` sets numba's threads *and* `torch.set_num_threads(n)`,
-and it is called (a) once when `ffcv` is imported, with n = 1, (b) by every `Loader.__init__` and
-(c) by every epoch's loader thread, with n = num_workers. So merely reading a beton left the model
-on one thread (a 2-core CPU training step took twice as long, measured), and `--workers` silently
-became the model's thread count. Every FFCV import of ours goes through `import_ffcv()`.
+Threads: FFCV 1.0.2's `Compiler.set_num_threads(n)` sets numba's threads *and*
+`torch.set_num_threads(n)`, and it is called (a) once when `ffcv` is imported, with n = 1, (b) by
+every `Loader.__init__` and (c) by every epoch's loader thread, with n = num_workers. So merely
+reading a beton left the model on one thread (a 2-core CPU training step took twice as long,
+measured), and `--workers` silently became the model's thread count.
+
+Time: `ffcv.fields.rgb_image` builds a two-entry table `IMAGE_MODES` as a numba typed `Dict` at
+import, and creating a process's first typed Dict makes numba compile the dictionary's whole
+implementation: ~5 s of a 5.5 s import on a 2-core AMD EPYC, the largest piece of start-up outside
+torch.compile. FFCV reads that table from Python only (decoders copy its values into local
+variables before their numba code is compiled; the writer stores a value into a numpy record), so
+a plain dict behaves the same: it is built as one. Every FFCV import of ours goes through
+`import_ffcv()`.
 """
 
 from __future__ import annotations
@@ -13,13 +21,22 @@ import os
 
 
 def import_ffcv() -> None:
-    """Import FFCV, put torch's thread count back as it was, and patch FFCV's Compiler to set numba's
-    threads only. Idempotent; call it before any `from ffcv... import`."""
+    """Import FFCV (its image-mode table a plain dict), put torch's thread count back as it was,
+    and patch FFCV's Compiler to set numba's threads only. Idempotent; call it before any
+    `from ffcv... import`."""
     import torch
 
     threads = torch.get_num_threads()
     import numba
-    from ffcv.pipeline.compiler import Compiler
+    import numba.typed
+
+    # numba.typed resolves Dict lazily (a module __getattr__): an attribute set here shadows it for
+    # the modules FFCV imports now, and deleting it restores numba's own.
+    numba.typed.Dict = dict
+    try:
+        from ffcv.pipeline.compiler import Compiler
+    finally:
+        del numba.typed.Dict
 
     if getattr(Compiler.set_num_threads, "_fastcifar", False):
         return

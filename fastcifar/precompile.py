@@ -1,14 +1,16 @@
-"""Every torch.compile compilation of a run happens here: on the main thread, before the first batch.
+"""Every torch.compile compilation of a run happens here: on the main thread, while no FFCV thread runs.
 
 Why: FFCV runs every pipeline stage, our device op included, in its own EpochIterator thread on side
 CUDA streams. Dynamo and Inductor are not thread-safe (pytorch#105943, #118260) and CUDA-graph trees
 fail outside the thread that set them up (#123177). So the run first calls the compiled model (train
-graph with its backward, eval graph under no_grad) and the compiled device op once for every batch
-size its loaders will yield — the full batch and each split's last partial batch — on dummy inputs,
-then `frozen()` sets the compiler's stance to "eager_on_recompile": from then on nothing compiles in
-any thread, and an input the warm-up did not foresee runs eagerly (correct, slower) instead of
-compiling inside FFCV's thread. The model's state is restored afterwards, and no random generator is
-touched, so the run trains exactly as it would have without the warm-up.
+graph with its backward) and the compiled device op once for every batch size its loaders will
+yield — the full batch and each split's last partial batch — on dummy inputs, then `frozen()` sets
+the compiler's stance to "eager_on_recompile": from then on nothing compiles in any thread, and an
+input the warm-up did not foresee runs eagerly (correct, slower) instead of compiling inside FFCV's
+thread. The eval graph (under no_grad) is compiled the same way after the first training epoch,
+before the first evaluation (`warm_up_evaluation`), so the first training step does not wait for it.
+The model's state is restored afterwards, and no random generator is touched, so the run trains
+exactly as it would have without the warm-up.
 """
 
 from __future__ import annotations
@@ -76,20 +78,42 @@ def warm_up_model(net: nn.Module, model: nn.Module, device: torch.device, train_
 
 
 def warm_up_run(net: nn.Module, model: nn.Module, loaders: dict, device: torch.device, batch_size: int,
-                max_steps: int | None, mode: str | None, compiled: bool | None = None) -> dict:
+                max_steps: int | None, mode: str | None, compiled: bool | None = None,
+                evaluation: bool = True) -> dict:
     """Compile everything a training run calls: the device op of each loader that has a compiled one
     (`loader.augment.warm_up`) and the model, for the batch sizes each split yields. Returns the sizes.
     `compiled`: whether `net` is compiled (default: whether it is another object than `model`; under
-    torchrun it is DDP, compiled or not)."""
+    torchrun it is DDP, compiled or not). evaluation=False leaves the eval graphs to
+    `warm_up_evaluation`, which the trainer calls after the first epoch (off the start-up path)."""
     sizes = {split: batch_sizes(loader.images, batch_size, max_steps) for split, loader in loaders.items()}
     for split, loader in loaders.items():
         augment = getattr(loader, "augment", None)
         if getattr(augment, "compiled", False):
             augment.warm_up(sizes[split])
     if (net is not model) if compiled is None else compiled:
-        eval_sizes = sorted({n for split in ("val", "test") for n in sizes.get(split, [])}, reverse=True)
-        warm_up_model(net, model, device, sizes["train"], eval_sizes, mode)
+        warm_up_model(net, model, device, sizes["train"], eval_sizes(sizes) if evaluation else [], mode)
     return sizes
+
+
+def eval_sizes(sizes: dict) -> list[int]:
+    """The batch sizes the eval graph sees (val's and test's), largest first."""
+    return sorted({n for split in ("val", "test") for n in sizes.get(split, [])}, reverse=True)
+
+
+def warm_up_evaluation(net: nn.Module, model: nn.Module, device: torch.device, sizes: dict,
+                       mode: str | None) -> list[int]:
+    """Compile the eval graph for val's and test's batch sizes, inside `frozen()`, between the first
+    training epoch and the first evaluation. Returns the sizes compiled.
+
+    Why then: the first training step does not need the eval graph, and start-up counts to it (a
+    third of the warm-up's graphs). Why it is safe: it runs on the main thread with no FFCV thread
+    alive — the train epoch's thread has been joined when `train_epoch` returns, and val's Loader is
+    built at its first iteration, after this — so it is the same situation as before the first batch.
+    The stance is lifted for this call only; it is process-wide, and nothing else runs meanwhile."""
+    wanted = eval_sizes(sizes)
+    with torch.compiler.set_stance("default"):
+        warm_up_model(net, model, device, [], wanted, mode)
+    return wanted
 
 
 @contextlib.contextmanager

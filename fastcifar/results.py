@@ -13,8 +13,9 @@ def epoch_line(stats: dict, epochs: int, loader: str) -> str:
             f"{stats['images_per_s']:.0f} img/s  data {100 * stats['data_fraction']:.1f}%")
 
 
-def warm_up_line(sizes: dict, seconds: float, device_op: dict | None) -> str:
-    line = f"compiled for batch sizes {sizes} in {seconds:.1f} s"
+def warm_up_line(train_sizes: list[int], seconds: float, device_op: dict | None) -> str:
+    """The line after the start-up warm-up: the training graphs (the eval graph follows the first epoch)."""
+    line = f"compiled the training step for batch sizes {train_sizes} in {seconds:.1f} s"
     if device_op:
         line += (f"; device op: {device_op['op']} ({device_op['compiled_ms']:.2f} ms compiled, "
                  f"{device_op['eager_ms']:.2f} ms eager per batch of {device_op['batch']})")

@@ -25,7 +25,7 @@ from . import __version__, distributed
 from .data import LOADERS, make_loaders, split_sizes
 from .env import adamw, environment, seconds_since_process_start, set_cudnn, set_float32_precision
 from .model import count_parameters, resnetv2_20
-from .precompile import frozen, mark_step, warm_up_run
+from .precompile import frozen, mark_step, warm_up_evaluation, warm_up_run
 from .profiling import (
     BACKWARD_RANGE,
     DATA_RANGE,
@@ -307,12 +307,13 @@ def run(args: argparse.Namespace, entered: float) -> int:
         f"{'torch.compile ' + args.compile_mode if args.compile else 'eager'}, "
         f"{'TF32' if args.tf32 else 'float32'}, train {len(loaders['train'])} batches of {args.batch_size}{processes}",
         flush=True)
-    # Every compilation now, on this thread, before FFCV's threads start (see precompile.py).
+    # Every compilation on this thread while no FFCV thread runs (see precompile.py): the training
+    # graphs now, the eval graph after the first epoch (the first step does not need it).
     synchronize(device)
     startup["model_s"] = seconds_since_process_start() - built
     t0 = time.perf_counter()
     sizes = warm_up_run(net, model, loaders, device, batch_size, args.max_steps_per_epoch, compile_mode,
-                        compiled=args.compile)
+                        compiled=args.compile, evaluation=False)
     synchronize(device)
     warm_up_s = time.perf_counter() - t0
     startup["compile_s"] = warm_up_s
@@ -324,7 +325,7 @@ def run(args: argparse.Namespace, entered: float) -> int:
         startup.update(first_batch_s=now - warm_up_done, startup_s=now)
     device_op = getattr(loaders["train"].augment, "choice", None)
     if args.compile:
-        say(warm_up_line(sizes, warm_up_s, device_op), flush=True)
+        say(warm_up_line(sizes["train"], warm_up_s, device_op), flush=True)
 
     timer = StepTimer(device)
     profile_epoch = min(args.profile_epoch, args.epochs)
@@ -332,6 +333,7 @@ def run(args: argparse.Namespace, entered: float) -> int:
     traces: list[Path] = []
     epochs = []
     scorer = distributed.unwrap(net)  # evaluation runs no collective: each rank scores its own images
+    eval_warm_up_s = 0.0
     with frozen():
         for epoch in range(1, args.epochs + 1):
             profiler = TraceProfiler(profile_dir, device, args.profile_schedule) if (
@@ -342,6 +344,12 @@ def run(args: argparse.Namespace, entered: float) -> int:
                                     on_step=profiler.step if profiler else None, compile_mode=compile_mode,
                                     on_first_batch=first_step if epoch == 1 else None)
             traces = profiler.traces if profiler else traces
+            if epoch == 1 and args.compile:
+                t0 = time.perf_counter()
+                compiled_sizes = warm_up_evaluation(net, model, device, sizes, compile_mode)
+                synchronize(device)
+                eval_warm_up_s = time.perf_counter() - t0
+                say(f"compiled the eval graph for batch sizes {compiled_sizes} in {eval_warm_up_s:.1f} s", flush=True)
             distributed.sync_buffers(model)  # every rank scores the model rank 0 saves
             val = evaluate(scorer, loaders["val"], device, args.max_steps_per_epoch, desc="val",
                            compile_mode=compile_mode)
@@ -363,7 +371,8 @@ def run(args: argparse.Namespace, entered: float) -> int:
     profiled = {"dir": str(profile_dir), "epoch": profile_epoch, "traces": [str(t) for t in traces]} \
         if profile else None
     results = collect(run_name, total_training_time, epochs, test, config, env, profiled)
-    results["warm_up_s"] = warm_up_s
+    results["warm_up_s"] = warm_up_s + eval_warm_up_s  # every compilation of the run
+    results["eval_warm_up_s"] = eval_warm_up_s  # of which after the first epoch, outside start-up
     results["startup_s"] = startup["startup_s"]
     results["startup"] = {**startup, "compile_cache": compile_cache,
                           "compile_cache_warm": None if compile_cache is None else

@@ -32,9 +32,11 @@ def test_batch_sizes_of_a_loader():
     assert batch_sizes(450, 128, max_steps=4) == [128, 66]
 
 
-def test_every_compilation_runs_on_the_main_thread_before_the_first_batch(small_data, tmp_path, monkeypatch):
-    """Two epochs of `train --compile` in this process, with any compilation after the warm-up made an
-    error (in FFCV's thread it would kill the thread: the run fails instead of hanging)."""
+def test_every_compilation_runs_on_the_main_thread_while_no_ffcv_thread_runs(small_data, tmp_path, monkeypatch):
+    """Two epochs of `train --compile` in this process, with any compilation after the warm-ups made an
+    error (in FFCV's thread it would kill the thread: the run fails instead of hanging). The training
+    graphs are compiled before the first batch, the eval graph after the first epoch, before the first
+    evaluation, and never while an FFCV thread is alive."""
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.callback import callback_handler
 
@@ -43,20 +45,24 @@ def test_every_compilation_runs_on_the_main_thread_before_the_first_batch(small_
     torch._dynamo.reset()
     monkeypatch.setattr(precompile, "STANCE_AFTER_WARM_UP", "fail_on_recompile")
     threads: list[str] = []
-    first_batch_at: list[float] = []
+    ffcv_alive: list[bool] = []
     compile_times: list[float] = []
+    first_batch_at: list[float] = []
+    first_eval_at: list[float] = []
 
     def on_start(_args) -> None:
         threads.append(threading.current_thread().name)
+        ffcv_alive.append(any(type(t).__name__ == "EpochIterator" and t.is_alive() for t in threading.enumerate()))
         compile_times.append(time.perf_counter())
 
-    real_iter = train.train_epoch
+    def spy(real, times):
+        def call(*args, **kwargs):
+            times.append(time.perf_counter())
+            return real(*args, **kwargs)
+        return call
 
-    def spy(*args, **kwargs):
-        first_batch_at.append(time.perf_counter())
-        return real_iter(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_epoch", spy)
+    monkeypatch.setattr(train, "train_epoch", spy(train.train_epoch, first_batch_at))
+    monkeypatch.setattr(train, "evaluate", spy(train.evaluate, first_eval_at))
     callback_handler.register_start_callback(on_start)
     try:
         code = train.main(["--data-dir", str(small_data), "--device", "cpu", "--compile", "--epochs", "2",
@@ -65,12 +71,38 @@ def test_every_compilation_runs_on_the_main_thread_before_the_first_batch(small_
         callback_handler.remove_start_callback(on_start)
     assert code == 0
     assert threads and set(threads) == {threading.main_thread().name}, threads
-    assert max(compile_times) < first_batch_at[0]  # nothing compiled once the loaders started
-    # the device op (run in FFCV's thread) was compiled for 128 and the last 66, the model too
+    assert not any(ffcv_alive), ffcv_alive
+    before_training = [t for t in compile_times if t < first_batch_at[0]]
+    assert before_training and len(before_training) < len(compile_times)  # the eval graph: after epoch 1
+    assert max(compile_times) < first_eval_at[0]  # and before the first evaluation
+    # the device op (run in FFCV's thread) was compiled, the model too
     assert len(_debug_get_cache_entry_list(augment.crop_flip_normalize.__code__)) >= 1
     results = json.loads((tmp_path / "threads.json").read_text())
     assert [e["train_images"] for e in results["epochs"]] == [450, 450]
     assert results["test_images"] == 110 and results["val_images"] == 50
+    assert 0 < results["eval_warm_up_s"] < results["warm_up_s"]
+
+
+def test_the_device_op_keeps_the_faster_op_and_compiles_the_other_sizes_only_when_kept(monkeypatch):
+    """warm_up times compiled against eager on the first (full) batch size; the remaining sizes are
+    compiled only when the compiled op wins, each being one more compilation at start-up."""
+    from fastcifar import augment
+
+    for faster, other_sizes_run in [("compiled", [72]), ("eager", [])]:
+        op = augment.RandomCropFlip(0, CPU, compile=True)
+        called: list[int] = []
+
+        def compiled_op(images, *rest, _called=called):
+            _called.append(images.shape[0])
+            return augment.crop_flip_normalize(images, *rest)
+
+        op.op = compiled_op
+        winner = compiled_op if faster == "compiled" else augment.crop_flip_normalize
+        monkeypatch.setattr(augment, "_ms_per_call", lambda f, args, _winner=winner: 1.0 if f is _winner else 2.0)
+        op.warm_up([128, 72])
+        assert op.choice["op"] == faster and op.choice["batch"] == 128
+        assert called == other_sizes_run
+        assert (op.op is compiled_op) == (faster == "compiled")
 
 
 class Exploding(torch.nn.Module):
