@@ -259,8 +259,8 @@ def write_summary(out: Path, stages: dict, smoke: bool, device: str, synthetic: 
         "",
         "## The six metrics per variant (ResNetV2-20, CIFAR-10, --compile)",
         "",
-        "start-up: process start to the first training step (compile caches warm or cold); warm-up: the "
-        "compilation before the first batch, inside start-up and total",
+        "start-up: process start to the first training step (compile caches warm or cold); warm-up: every "
+        "compilation of the run (the training step's inside start-up, the eval graph's after epoch 1), inside total",
         "",
         "| variant | total s | start-up s | mean epoch s | epoch s excl. 1st | inference ms/batch | last train loss"
         " | val acc % | test acc % | data fraction | warm-up (compile) s |",

@@ -25,7 +25,7 @@ from . import __version__, distributed
 from .data import LOADERS, make_loaders, split_sizes
 from .env import adamw, environment, seconds_since_process_start, set_cudnn, set_float32_precision
 from .model import count_parameters, resnetv2_20
-from .precompile import frozen, mark_step, warm_up_evaluation, warm_up_run
+from .precompile import frozen, import_compiler, mark_step, warm_up_evaluation, warm_up_run
 from .profiling import (
     BACKWARD_RANGE,
     DATA_RANGE,
@@ -283,7 +283,11 @@ def run(args: argparse.Namespace, entered: float) -> int:
     env = environment(device, loader=args.loader, compile=args.compile, compile_mode=compile_mode,
                       precision=precision, cudnn=cudnn, seed=args.seed, world_size=ranks.world_size)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    startup = {"python_and_imports_s": entered, "setup_s": seconds_since_process_start() - entered}
+    set_up = seconds_since_process_start()
+    startup = {"python_and_imports_s": entered, "setup_s": set_up - entered}
+    if args.compile:
+        import_compiler()
+    startup["compiler_import_s"] = seconds_since_process_start() - set_up
     loaders = make_loaders(args.data_dir, device, batch_size, args.workers, args.seed,
                            compile_augment=args.compile, loader=args.loader, rank=ranks.rank,
                            world_size=ranks.world_size, timings=startup)

@@ -23,8 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastcifar.env import environment  # noqa: E402
 from fastcifar.utils import ArgumentParser, UserError, resolve_device, run_cli, write_json_atomic  # noqa: E402
 
-PIECES = ["python_and_imports_s", "setup_s", "betons_check_s", "loaders_s", "model_s", "compile_s", "first_batch_s",
-          "startup_s"]
+PIECES = ["python_and_imports_s", "setup_s", "compiler_import_s", "betons_check_s", "loaders_s", "model_s",
+          "compile_s", "first_batch_s", "startup_s"]
+
+# The data pipeline's share of start-up: FFCV's import and the beton check, the train Loader (its numba
+# compilation), FFCV's first epoch starting (the first batch read, compiled and made).
+DATA_PIPELINE = ("betons_check_s", "loaders_s", "first_batch_s")
 
 
 def one_run(data_dir: Path, cache: Path, trainer: list[str], out: Path, name: str) -> dict:
@@ -55,12 +59,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache, out = Path(tmp) / "inductor", Path(tmp) / "runs"
         cold = one_run(args.data_dir, cache, trainer, out, "cold")
         warm = [one_run(args.data_dir, cache, trainer, out, f"warm{i}") for i in range(args.repeats)]
-    median = {k: statistics.median(run[k] for run in warm) for k in PIECES}
+    for run in (cold, *warm):
+        run["data_pipeline_s"] = sum(run[k] for k in DATA_PIPELINE)
+    median = {k: statistics.median(run[k] for run in warm) for k in (*PIECES, "data_pipeline_s")}
     write_json_atomic(args.out, {"cold": cold, "warm": warm, "warm_median": median, "env": env})
     print(f"start-up, process start -> first training step: {env['device_name']}, trainer flags {' '.join(trainer)}")
     print(f"{'piece':<22}{'cold s':>9}{'warm s (median of ' + str(args.repeats) + ')':>26}")
     for k in PIECES:
         print(f"{k:<22}{cold[k]:>9.2f}{median[k]:>26.2f}")
+    print(f"{'data pipeline':<22}{cold['data_pipeline_s']:>9.2f}{median['data_pipeline_s']:>26.2f}"
+          f"   ({' + '.join(DATA_PIPELINE)})")
     print(f"compile caches: cold {cold['compile_cache']}, warm {warm[-1]['compile_cache']}")
     print(f"written to {args.out}")
     return 0
