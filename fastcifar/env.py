@@ -118,5 +118,7 @@ def environment(device: torch.device, module: str = "fastcifar.train", **setting
         "torch_threads": torch.get_num_threads(),
         **settings,
         "git_commit": git_commit(),
-        "command": " ".join([Path(sys.executable).name, "-m", module, *sys.argv[1:]]),
+        # a module name runs with -m, a script (tools/...) by its path
+        "command": " ".join([Path(sys.executable).name, *([module] if module.endswith(".py") else ["-m", module]),
+                             *sys.argv[1:]]),
     }

@@ -163,3 +163,12 @@ def test_total_time_counts_from_the_process_start():
     reported = float(out.stdout.strip())
     assert 1.5 <= reported <= wall + 0.02
     assert 0 < seconds_since_process_start() < 24 * 3600
+
+
+def test_the_recorded_command_runs_a_module_with_m_and_a_script_by_its_path():
+    from fastcifar.env import environment
+
+    module = environment(CPU)["command"].split()
+    script = environment(CPU, module="tools/bench_startup.py")["command"].split()
+    assert module[1:3] == ["-m", "fastcifar.train"]
+    assert script[1] == "tools/bench_startup.py" and "-m" not in script[:2]
