@@ -18,6 +18,7 @@ a plain dict behaves the same: it is built as one. Every FFCV import of ours goe
 from __future__ import annotations
 
 import os
+import sys
 
 
 def import_ffcv() -> None:
@@ -30,13 +31,15 @@ def import_ffcv() -> None:
     import numba
     import numba.typed
 
-    # numba.typed resolves Dict lazily (a module __getattr__): an attribute set here shadows it for
-    # the modules FFCV imports now, and deleting it restores numba's own.
-    numba.typed.Dict = dict
-    try:
-        from ffcv.pipeline.compiler import Compiler
-    finally:
-        del numba.typed.Dict
+    if "ffcv.fields.rgb_image" not in sys.modules:  # the first import: the table is built now
+        # numba.typed resolves Dict lazily (a module __getattr__): an attribute set here shadows it
+        # for the modules FFCV imports now, and deleting it restores numba's own.
+        numba.typed.Dict = dict
+        try:
+            import ffcv.fields.rgb_image  # noqa: F401
+        finally:
+            del numba.typed.Dict
+    from ffcv.pipeline.compiler import Compiler
 
     if getattr(Compiler.set_num_threads, "_fastcifar", False):
         return
