@@ -18,7 +18,7 @@ SMOKE      ?=
 BUDGET     ?=
 STAGES     ?=
 
-.PHONY: setup system-deps python-deps dali betons run test lint bench gpu-check clean
+.PHONY: setup system-deps python-deps dali betons run test lint bench gpu-check results docs docs-check clean
 
 setup: system-deps python-deps
 
@@ -30,10 +30,11 @@ system-deps:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 	    pkg-config libturbojpeg0-dev libopencv-dev g++; }
 
-# torch first and pinned, so nothing later pulls a multi-GB CUDA build; then ffcv without build
+# torch first and pinned, only when none is importable (which build: docs/usage.md, "Which torch";
+# TORCH_SPEC may carry pip flags, e.g. --index-url), so nothing later pulls another; then ffcv without build
 # isolation (its setup.py needs numpy and the system libraries above); then fastcifar itself.
 python-deps:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
 	@$(PYTHON) -c "import ffcv, PIL" 2>/dev/null || { \
 	  $(PIP) install -q setuptools wheel "numpy>=2" numba pillow && \
 	  $(PIP) install -q --no-build-isolation ffcv==1.0.2; }
@@ -64,6 +65,22 @@ bench: betons
 gpu-check:
 	$(PYTHON) tools/gpu_check.py --out $(OUT) $(if $(SMOKE),--smoke,$(if $(DATA),--data $(DATA))) \
 	  $(if $(BUDGET),--budget-s $(BUDGET)) $(if $(STAGES),--stages $(STAGES))
+
+# make results [SEEDS=3] [STAGES=a,b] [BUDGET=<s>]: every published figure re-measured at this commit into
+#   docs/results/<machine>/ (resumable), then the README's and docs/benchmarks.md's tables rendered from them
+SEEDS      ?= 3
+results: betons
+	$(PYTHON) -m fastcifar.measure --data-dir $(DATA_DIR) --seeds $(SEEDS) \
+	  $(if $(BUDGET),--budget-s $(BUDGET)) $(if $(STAGES),--stages $(STAGES))
+	$(PYTHON) -m fastcifar.render
+
+# The tables between the markers in README.md and docs/benchmarks.md, rendered from docs/results/*/.
+docs:
+	$(PYTHON) -m fastcifar.render
+
+# Seconds, no training: the rendered tables match the committed JSONs, every relative link resolves.
+docs-check:
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_docs.py
 
 clean:
 	rm -rf results profiles/*/ .pytest_cache

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from .data import LOADERS, make_loaders
 from .env import adamw, environment, set_cudnn, set_float32_precision
+from .flops import flops_record, matmul_probe, utilisation
 from .model import resnetv2_20
 from .precompile import batch_sizes, frozen, warm_up_run
 from .profiling import StepTimer
@@ -107,16 +108,36 @@ class EndToEnd:
 
 def compute_only(args: argparse.Namespace, device: torch.device) -> dict:
     """The model's training throughput with no data pipeline at all (the `synthetic` loader: one fixed
-    batch on the device), set up, compiled and warmed up as end to end, then `--compute-steps` timed
-    steps: the denominator of the headroom."""
+    batch on the device), set up, compiled and warmed up as end to end, then `--compute-rounds` timed
+    epochs of `--compute-steps` steps: the denominator of the headroom, and the compute-only floor
+    whose utilisation says how close a step comes to the device's matmul rate."""
     loaders = make_loaders(args.data_dir, device, args.batch_size, args.workers, args.seed,
                            compile_augment=args.compile, loader="synthetic")
     steps = argparse.Namespace(**{**vars(args), "max_steps": args.compute_steps})
     setup = EndToEnd(loaders, device, steps, "compute-only")
-    setup.epoch()
-    epoch = setup.epochs[-1]
-    return {"images_per_s": epoch["images_per_s"], "steps": min(args.compute_steps, len(loaders["train"])),
-            "seconds": epoch["seconds"]}
+    for _ in range(args.compute_rounds):
+        setup.epoch()
+    rates = [e["images_per_s"] for e in setup.epochs]
+    stats = describe(rates)
+    return {"images_per_s": stats["mean"], "images_per_s_ci95": stats["ci95"] if len(rates) > 1 else None,
+            "images_per_s_per_round": rates, "rounds": len(rates),
+            "steps": min(args.compute_steps, len(loaders["train"])), "seconds": sum(e["seconds"] for e in setup.epochs)}
+
+
+def add_utilisation(results: dict, compute: dict | None, probe: dict, batch: int) -> dict:
+    """flops_per_image, and each row's achieved GFLOP/s and utilisation: the compute-only floor's
+    (isolated), every pipeline's training epoch (end to end). Returns the FLOP record."""
+    flops = flops_record(batch)
+    per_image, attainable = flops["flops_per_image"], probe["gflops"]
+    if compute:
+        compute.update(utilisation(compute["images_per_s"], per_image, attainable))
+        if compute.get("images_per_s_ci95"):
+            compute["utilisation_ci95"] = [utilisation(v, per_image, attainable)["utilisation"]
+                                           for v in compute["images_per_s_ci95"]]
+    for r in results.values():
+        if "seconds" in r:  # end to end: a training epoch
+            r.update(utilisation(r["images_per_s"], per_image, attainable))
+    return flops
 
 
 def rotated(names: list[str], i: int) -> list[str]:
@@ -151,16 +172,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="end to end: rounds, each one timed epoch per pipeline (order rotated); ratios paired by round")
     p.add_argument("--compute-steps", type=int, default=50,
                    help="isolated: training steps of the spec model on one fixed batch (synthetic), for the "
-                        "headroom column (0: skip)")
+                        "headroom column and the compute-only floor's utilisation (0: skip)")
+    p.add_argument("--compute-rounds", type=int, default=1,
+                   help="isolated: timed rounds of --compute-steps steps (2+: an interval for the floor)")
     p.add_argument("--seed", type=int, default=0, help="order and augmentation seed")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile the device op (and, end to end, the model), as `train --compile` does")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON results (default results/bench_loader.json, or bench_end_to_end.json)")
     args = p.parse_args(argv)
-    if min(args.workers, args.batch_size, args.epochs, args.repeats, args.max_steps or 1) < 1 or args.compute_steps < 0:
-        raise UserError("--workers, --batch-size, --epochs, --repeats and --max-steps must be at least 1, "
-                        "--compute-steps at least 0")
+    if min(args.workers, args.batch_size, args.epochs, args.repeats, args.max_steps or 1,
+           args.compute_rounds) < 1 or args.compute_steps < 0:
+        raise UserError("--workers, --batch-size, --epochs, --repeats, --max-steps and --compute-rounds must be at "
+                        "least 1, --compute-steps at least 0")
     device = resolve_device(args.device)
     set_float32_precision(device, tf32=False)
     set_cudnn(device, deterministic=False)  # the trainer's defaults
@@ -189,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 train.augment.warm_up(batch_sizes(train.images, args.batch_size))
             with frozen():
                 results[name] = isolated(train, device, args.epochs, name)
+            results[name]["device_op"] = getattr(train.augment, "choice", None)  # the op kept, every candidate's ms
         del loaders
     for i in range(args.repeats if args.end_to_end else 0):
         for name in rotated(list(setups), i):
@@ -208,7 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 r.update(paired(r["epoch_seconds"], results["memory"]["epoch_seconds"], "ratio_to_memory"))
         elif base:
             r["ratio_to_torch"] = r["images_per_s"] / results[base]["images_per_s"]
-    write_json_atomic(out, {**results, **({"compute_only": compute} if compute else {}), "env": env,
+    env["attainable_fp32"] = matmul_probe(device)  # after the timed work, on the same threads
+    flops = add_utilisation(results, compute, env["attainable_fp32"], args.batch_size)
+    write_json_atomic(out, {**results, **({"compute_only": compute} if compute else {}),
+                            "flops_per_image": flops["flops_per_image"], "flops": flops, "env": env,
                             "mode": "end_to_end" if args.end_to_end else "isolated"})
     mode = f"end to end, {args.repeats} round(s) of one training epoch each" if args.end_to_end else "isolated"
     print(f"loader benchmark ({mode}): batch "
@@ -216,19 +244,26 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{'compiled' if args.compile else 'eager'}")
     if args.end_to_end:
         header = f"{'pipeline':<10}{'epoch s':>9}{'images/s':>10}{'data s':>8}{'compute s':>10}{'data frac':>10}" \
-                 f"{'vs synthetic':>13}{'95 % CI':>17}{'vs memory':>10}{'CPU s':>8}{'CPU vs synth':>13}"
+                 f"{'vs synthetic':>13}{'95 % CI':>17}{'vs memory':>10}{'CPU s':>8}{'CPU vs synth':>13}{'util.':>7}"
         rows = [f"{n:<10}{r['seconds']:>9.2f}{r['images_per_s']:>10,.0f}{r['data_time_s']:>8.2f}"
                 f"{r['compute_time_s']:>10.2f}{r['data_fraction']:>10.3f}{100 * r['overhead_vs_synthetic']:>+12.1f}%"
                 + f"{percent_interval(r['overhead_vs_synthetic_ci95']):>17}"
                 + (f"{r['ratio_to_memory']:>9.3f}x" if "ratio_to_memory" in r else f"{'':>10}")
-                + f"{r['cpu_s']:>8.1f}{100 * r['cpu_overhead_vs_synthetic']:>+12.1f}%" for n, r in results.items()]
-    else:
-        header = f"{'pipeline':<10}{'images/s':>12}{'vs torch':>10}{'s / epoch':>11}{'headroom':>10}"
-        rows = [f"{n:<10}{r['images_per_s']:>12,.0f}" + (f"{r['ratio_to_torch']:>9.2f}x" if "ratio_to_torch" in r
-                                                         else f"{'':>10}") + f"{r['seconds_per_epoch']:>11.2f}"
-                + (f"{r['headroom']:>9.1f}x" if "headroom" in r else f"{'':>10}")
+                + f"{r['cpu_s']:>8.1f}{100 * r['cpu_overhead_vs_synthetic']:>+12.1f}%{100 * r['utilisation']:>6.1f}%"
                 for n, r in results.items()]
+    else:
+        header = f"{'pipeline':<13}{'images/s':>12}{'vs torch':>10}{'s / epoch':>11}{'headroom':>10}{'util.':>8}"
+        rows = [f"{n:<13}{r['images_per_s']:>12,.0f}" + (f"{r['ratio_to_torch']:>9.2f}x" if "ratio_to_torch" in r
+                                                         else f"{'':>10}") + f"{r['seconds_per_epoch']:>11.2f}"
+                + (f"{r['headroom']:>9.1f}x" if "headroom" in r else f"{'':>10}") + f"{'':>8}"
+                for n, r in results.items()]
+        if compute:
+            rows.append(f"{'compute-only':<13}{compute['images_per_s']:>12,.0f}{'':>10}{'':>11}{'':>10}"
+                        f"{100 * compute['utilisation']:>7.1f}%")
     print("\n".join([header, "-" * len(header), *rows]))
+    probe = env["attainable_fp32"]
+    print(f"util.: a training step's {flops['flops_per_image'] / 1e6:.0f} MFLOP per image x images/s over this "
+          f"device's fp32 matmul rate, {probe['gflops']:.0f} GFLOP/s ({probe['n']}x{probe['n']} torch.mm)")
     if compute:
         print(f"headroom: the pipeline's images/s / the model's compute-only training images/s "
               f"({compute['images_per_s']:,.0f}, {compute['steps']} steps on one fixed batch): how much faster the "

@@ -93,6 +93,148 @@ def git_commit() -> str | None:
         return None
 
 
+# The instruction-set flags that change what this benchmark measures (vector width, bf16/AMX units).
+CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+             "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+# Packages whose version a figure depends on ("absent" when not installed).
+PACKAGES = ("numpy", "numba", "llvmlite", "ffcv", "torchvision", "tensorboard", "torch-tb-profiler", "opencv-python",
+            "opencv-python-headless", "pillow")
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (Linux); {} elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def machine() -> dict:
+    """The CPU as the OS names it, its instruction-set flags, logical CPUs (and whether they are cores
+    or hyper-threads), memory, OS and kernel: two machines of one model name can differ in all of
+    these (an AVX2 and an AVX-512 "AMD EPYC" measured 3.8x and 7.8x on the same benchmark)."""
+    info = _cpuinfo()
+    flags = set((info.get("flags") or info.get("Features") or "").split())
+    logical = os.cpu_count() or 1
+    siblings = _read("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list") or "0"
+    per_core = sum(int(b) - int(a) + 1 if "-" in part else 1
+                   for part in siblings.split(",") for a, _, b in [part.partition("-")])
+    meminfo = _read("/proc/meminfo") or ""
+    mem_kib = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemTotal:")), None)
+    os_release = _read("/etc/os-release") or ""
+    pretty = next((line.split("=", 1)[1].strip('"') for line in os_release.splitlines()
+                   if line.startswith("PRETTY_NAME=")), platform.system())
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = logical
+    return {
+        "cpu_model": info.get("model name") or platform.processor() or platform.machine(),
+        "cpu_vendor": info.get("vendor_id"),
+        "cpu_family": info.get("cpu family"),
+        "cpu_model_number": info.get("model"),
+        "cpu_stepping": info.get("stepping"),
+        "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS} if flags else {},
+        "logical_cpus": logical,
+        "usable_cpus": usable,
+        "threads_per_core": per_core,
+        "logical_cpus_are": "hyper-threads (SMT)" if per_core > 1 else "cores (one thread each)",
+        "memory_gib": round(mem_kib / 2**20, 1) if mem_kib else None,
+        "architecture": platform.machine(),
+        "os": pretty,
+        "kernel": platform.release(),
+    }
+
+
+def isa_tag(flags: dict) -> str:
+    """The widest vector unit the flags name: amx, avx512, avx2, neon/sve, or sse."""
+    for tag, flag in (("amx", "amx_tile"), ("avx512", "avx512f"), ("avx2", "avx2"), ("sve", "sve"),
+                      ("neon", "asimd")):
+        if flags.get(flag):
+            return tag
+    return "sse"
+
+
+def machine_name(env: dict) -> str:
+    """A short, stable folder name for a machine: the GPU's model (and its count) where a GPU ran, else the
+    CPU's model with its widest vector unit; then the logical CPUs. 'amd-epyc-avx512-2c', 'nvidia-h200-16c'."""
+    import re
+
+    mach = env.get("machine") or {}
+    gpu = (env.get("gpu") or {}).get("name")
+    if gpu:
+        base = re.sub(r"\b(nvidia|geforce|tesla)\b", "", gpu.lower())
+        base = "nvidia-" + base if "nvidia" in gpu.lower() else base
+    else:
+        base = re.sub(r"\(r\)|\(tm\)|\bcpu\b|\bprocessor\b|@.*|\d+-core", "", (mach.get("cpu_model") or "cpu").lower())
+        base += " " + isa_tag(mach.get("cpu_flags") or {})
+    slug = re.sub(r"[^a-z0-9]+", "-", base).strip("-")
+    return f"{slug}-{mach.get('usable_cpus') or mach.get('logical_cpus') or os.cpu_count()}c"
+
+
+def machine_line(env: dict) -> str | None:
+    """One line for a report: the CPU as the OS names it, its flags, CPUs, memory, OS, the GPU, the stack's
+    versions (None for an env recorded before `machine` was)."""
+    mach, v, gpu = env.get("machine"), env.get("versions"), env.get("gpu")
+    if not mach or not v:
+        return None
+    flags = ", ".join(k for k, on in mach["cpu_flags"].items() if on) or "none recorded"
+    gpu_text = (f"; GPU {gpu['name']} ({gpu['memory_gib']} GiB), driver {gpu['driver']}, CUDA {gpu['cuda']}, "
+                f"cuDNN {gpu['cudnn']}") if gpu else "; no GPU"
+    return (f"{mach['cpu_model']} ({mach['cpu_vendor']}, family {mach['cpu_family']} model {mach['cpu_model_number']}),"
+            f" {mach['logical_cpus']} logical CPUs, {mach['logical_cpus_are']}, {mach['memory_gib']} GiB; flags: "
+            f"{flags}; {mach['os']}, kernel {mach['kernel']}{gpu_text}. Python {v['python']}, torch {v['torch']} "
+            f"({v['torch_build']}), numpy {v['numpy']}, numba {v['numba']}, ffcv {v['ffcv']}, DALI {v['dali']}, "
+            f"torchvision {v['torchvision']}, tensorboard {v['tensorboard']}, "
+            f"torch-tb-profiler {v['torch-tb-profiler']}")
+
+
+def versions() -> dict:
+    """Python, torch with its build (cpu, cuXXX, rocm), and every package a figure depends on."""
+    from importlib.metadata import PackageNotFoundError, distributions, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    dali = sorted({d.metadata["Name"] + " " + d.version for d in distributions()
+                   if (d.metadata["Name"] or "").lower().startswith("nvidia-dali")})
+    build = (f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else
+             "rocm" if getattr(torch.version, "hip", None) else "cpu")
+    return {"python": platform.python_version(), "torch": torch.__version__, "torch_build": build,
+            **{name: of(name) for name in PACKAGES}, "dali": ", ".join(dali) or "absent"}
+
+
+def gpu(device: torch.device) -> dict | None:
+    """The GPU's name, memory, driver, CUDA and cuDNN versions (None off CUDA)."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(device)
+    driver = None
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        pass
+    return {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1), "count": torch.cuda.device_count(),
+            "capability": f"{props.major}.{props.minor}", "multiprocessors": props.multi_processor_count,
+            "driver": driver, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+
+
 def environment(device: torch.device, module: str = "fastcifar.train", **settings: object) -> dict:
     """Versions, device, threads, the run's settings and the command line: read at start, so the
     git commit is that of the code that runs."""
@@ -116,8 +258,12 @@ def environment(device: torch.device, module: str = "fastcifar.train", **setting
         "device": str(device),
         "device_name": device_name(device),
         "torch_threads": torch.get_num_threads(),
+        "machine": machine(),
+        "versions": versions(),
+        "gpu": gpu(device),
         **settings,
         "git_commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
         # a module name runs with -m, a script (tools/...) by its path
         "command": " ".join([Path(sys.executable).name, *([module] if module.endswith(".py") else ["-m", module]),
                              *sys.argv[1:]]),

@@ -1,6 +1,6 @@
 """The whole GPU proof in one command: `make gpu-check OUT=...` (this module, wrapped by make), made for
-a GPU machine lent for a few minutes: nothing to send in but the checkout and its wheels, a time
-budget it keeps, and a report that is current after every stage.
+a GPU rented for a short time, under a time limit: nothing to bring but the checkout and its wheels,
+a time budget it keeps, and a report that is current after every stage.
 
 Data: without --data (or --data synthetic) a full-size CIFAR-shaped archive of seeded random pixels
 (50,000 + 10,000 images, `fastcifar.synthetic`) is written and converted there; betons hold raw
@@ -222,7 +222,7 @@ CHANCE = " (chance: synthetic data)"
 def _row(name: str, r: dict | None, stage: dict | None, synthetic: bool) -> str:
     if r is None:
         verdict = "not run" if stage is None else {"skipped": "skipped"}.get(stage["rc"], "failed")
-        return f"| {name} | {verdict} | | | | | | | | | | |"
+        return f"| {name} | {verdict} | | | | | | | | | | | |"
     chance = CHANCE if synthetic else ""
     startup = r.get("startup") or {}
     warm = {True: "warm", False: "cold"}.get(startup.get("compile_cache_warm"), "")
@@ -230,7 +230,13 @@ def _row(name: str, r: dict | None, stage: dict | None, synthetic: bool) -> str:
             f" | {r['epoch_time_s']:.2f} | {r['epoch_time_excl_first_s']:.2f} | {r['inference_time_per_batch_ms']:.3f}"
             f" | {r['last_epoch_train_loss']:.4f}"
             f" | {100 * r['val_accuracy']:.2f}{chance} | {100 * r['test_accuracy']:.2f}{chance}"
-            f" | {r['data_fraction']:.4f} | {r.get('warm_up_s', float('nan')):.1f} |")
+            f" | {r['data_fraction']:.4f} | {r.get('warm_up_s', float('nan')):.1f} | {_util(r)} |")
+
+
+def _util(r: dict) -> str:
+    """'41.2 % (1234 GFLOP/s)': the mean epoch's share of the device's fp32 matmul rate."""
+    u = (r.get("utilisation") or {}).get("mean_epoch")
+    return f"{100 * u['utilisation']:.1f} % ({u['gflops']:,.0f} GFLOP/s)" if u else "-"
 
 
 def _load(path: Path) -> dict | None:
@@ -263,11 +269,17 @@ def write_summary(out: Path, stages: dict, smoke: bool, device: str, synthetic: 
         "compilation of the run (the training step's inside start-up, the eval graph's after epoch 1), inside total",
         "",
         "| variant | total s | start-up s | mean epoch s | epoch s excl. 1st | inference ms/batch | last train loss"
-        " | val acc % | test acc % | data fraction | warm-up (compile) s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " | val acc % | test acc % | data fraction | warm-up (compile) s | utilisation, mean epoch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(_row(name, runs[name], stages.get(name), synthetic) for name in VARIANTS),
         "",
     ]
+    probe = env.get("attainable_fp32")
+    if probe:
+        flops = next((r["flops_per_image"] for r in runs.values() if r and "flops_per_image" in r), None)
+        lines += [f"Utilisation: a training step's {flops / 1e6:.0f} MFLOP per image (FlopCounterMode) x images/s over "
+                  f"the device's fp32 matmul rate, {probe['gflops']:,.0f} GFLOP/s ({probe['method']}; "
+                  f"TF32 {'on' if probe.get('tf32') else 'off'})", ""]
     bench = _load(out / "bench_loader.json")
     if bench:
         compute = bench.get("compute_only") or {}
@@ -275,10 +287,13 @@ def write_summary(out: Path, stages: dict, smoke: bool, device: str, synthetic: 
                   f"headroom: images/s over the model's compute-only training images/s "
                   f"({compute.get('images_per_s', float('nan')):,.0f} on this device): how many times faster the "
                   "model could get before the pipeline is the bottleneck", "",
-                  "| pipeline | images/s | vs torch | headroom |", "|---|---:|---:|---:|"]
+                  "| pipeline | images/s | vs torch | headroom | utilisation |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {k} | {v['images_per_s']:,.0f} | {v.get('ratio_to_torch', float('nan')):.2f}x | "
-                  f"{v.get('headroom', float('nan')):.1f}x |"
+                  f"{v.get('headroom', float('nan')):.1f}x | |"
                   for k, v in bench.items() if isinstance(v, dict) and "images_per_s" in v and k != "compute_only"]
+        if "utilisation" in compute:
+            lines.append(f"| compute-only floor | {compute['images_per_s']:,.0f} | | | "
+                         f"{100 * compute['utilisation']:.1f} % ({compute['gflops']:,.0f} GFLOP/s) |")
         lines.append("")
     e2e = _load(out / "bench_end_to_end.json")
     if e2e:

@@ -12,6 +12,7 @@ import math
 import statistics
 from pathlib import Path
 
+from .env import machine_line
 from .utils import atomic_path, write_json_atomic
 
 # The metrics summarised per loader: the six, the data fraction and the first epoch (compilation,
@@ -207,6 +208,7 @@ def markdown(summary: dict, env: dict, command: str, pngs: list[Path], reference
     lines = ["# fastcifar benchmark: ResNetV2-20 on CIFAR-10", "",
              f"- machine: {env.get('device_name')} ({env.get('device')}), torch {env.get('torch')}, "
              f"fastcifar {env.get('fastcifar')}, commit {env.get('git_commit')}",
+             *([f"- {line}"] if (line := machine_line(env)) else []),
              f"- command: `{command}`", ""]
     for loader, s in summary.items():
         lines += [f"## loader `{loader}`: {len(s['runs'])} runs, seeds {', '.join(map(str, s['seeds']))}", "",

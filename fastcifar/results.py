@@ -17,8 +17,8 @@ def warm_up_line(train_sizes: list[int], seconds: float, device_op: dict | None)
     """The line after the start-up warm-up: the training graphs (the eval graph follows the first epoch)."""
     line = f"compiled the training step for batch sizes {train_sizes} in {seconds:.1f} s"
     if device_op:
-        line += (f"; device op: {device_op['op']} ({device_op['compiled_ms']:.2f} ms compiled, "
-                 f"{device_op['eager_ms']:.2f} ms eager per batch of {device_op['batch']})")
+        times = ", ".join(f"{k[:-3]} {v:.2f} ms" for k, v in device_op.items() if k.endswith("_ms"))
+        line += f"; device op: {device_op['op']} ({times} per batch of {device_op['batch']})"
     return line
 
 
@@ -89,5 +89,12 @@ def summary_table(results: dict) -> str:
         rows[-1] = ("data / compute time, mean rank", rows[-1][1])
         rows.append(("  slowest rank", f"{results['data_time_s_max_rank']:.1f} s / "
                                         f"{results['compute_time_s_max_rank']:.1f} s"))
+    if "utilisation" in results:
+        u = results["utilisation"]
+        rows.append(("utilisation (of the fp32 matmul rate)",
+                     f"{100 * u['mean_epoch']['utilisation']:.1f} % over the mean epoch "
+                     f"({u['mean_epoch']['gflops']:.1f} GFLOP/s), {100 * u['compute_time']['utilisation']:.1f} % "
+                     f"of the compute time; matmul {u['attainable_gflops']:.0f} GFLOP/s, "
+                     f"{results['flops_per_image'] / 1e6:.0f} MFLOP per image"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

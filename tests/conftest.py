@@ -74,3 +74,4 @@ def small_data(tmp_path_factory, small_archive) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def _inductor_cache(tmp_path_factory):
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+    os.environ.setdefault("FASTCIFAR_DEVICE_OP_CACHE", "0")  # every test times its device op's candidates

@@ -34,6 +34,13 @@ def test_isolated_and_end_to_end(small_data, tmp_path):
         assert data[name]["headroom"] == pytest.approx(data[name]["images_per_s"] / compute["images_per_s"])
     assert "headroom" in result.stdout
     assert data["torch"]["ratio_to_torch"] == 1.0 and data["mode"] == "isolated" and "vs torch" in result.stdout
+    # the compute-only floor's utilisation of the probe's fp32 rate, and the FLOPs behind it
+    probe = data["env"]["attainable_fp32"]
+    assert data["flops_per_image"] == data["flops"]["train_step_flops"] / 64
+    assert compute["gflops"] == pytest.approx(compute["images_per_s"] * data["flops_per_image"] / 1e9)
+    assert 0 < compute["utilisation"] <= 1
+    assert compute["utilisation"] == pytest.approx(compute["gflops"] / probe["gflops"])
+    assert "compute-only" in result.stdout and "util." in result.stdout
 
     out = tmp_path / "e2e.json"
     result = bench("--data-dir", str(small_data), "--device", "cpu", "--end-to-end", "--max-steps", "2",
@@ -43,6 +50,7 @@ def test_isolated_and_end_to_end(small_data, tmp_path):
     assert set(data) >= {"memory", "synthetic"} and data["mode"] == "end_to_end"  # the floor is always measured
     assert data["synthetic"]["overhead_vs_synthetic"] == 0.0 and data["memory"]["ratio_to_memory"] == 1.0
     assert data["memory"]["train_images"] == 256  # 2 steps of 128
+    assert 0 < data["memory"]["utilisation"] <= 1 and 0 < data["synthetic"]["utilisation"] <= 1
     seconds = data["memory"]["epoch_seconds"]  # 3 rounds; the median epoch is reported
     assert data["memory"]["epochs_timed"] == 3 and data["memory"]["seconds"] == sorted(seconds)[1]
     # The overhead is paired by round: the mean of each round's ratio, with its interval around it.

@@ -42,6 +42,23 @@ def test_batched_op_equals_per_image_reference_exactly():
     assert 0 < int(augment.last_flips.sum()) < 64
 
 
+def test_fused_cpu_op_equals_the_reference_at_every_offset_and_flip():
+    """The numba pass (a warm-up candidate on CPU) gives the torch op's numbers bit for bit, for each
+    of the 162 crop/flip candidates, on FFCV's layout (an NCHW view of NHWC memory)."""
+    from fastcifar.augment import crop_flip_normalize
+    from fastcifar.cpu_augment import FusedCropFlip
+
+    grid = torch.tensor([(top, left) for top in range(9) for left in range(9)])
+    offsets = torch.cat([grid, grid])
+    flips = torch.cat([torch.zeros(81, dtype=torch.bool), torch.ones(81, dtype=torch.bool)])
+    images = torch.randint(0, 256, (162, 32, 32, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    norm = Normalize()
+    fused = FusedCropFlip(norm.mean, norm.std)(images, offsets, flips, norm.mean, norm.std, 4, 32)
+    assert fused.is_contiguous(memory_format=torch.channels_last) and fused.dtype == torch.float32
+    assert torch.equal(fused, reference(images, offsets, flips))
+    assert torch.equal(fused, crop_flip_normalize(images, offsets, flips, norm.mean, norm.std, 4, 32))
+
+
 def test_offsets_cover_all_81_positions_and_flip_rate_is_half():
     augment = RandomCropFlip(seed=0, device=CPU)
     offsets, flips = zip(*(augment.draw(1000, CPU) for _ in range(100)), strict=True)
@@ -166,12 +183,17 @@ def test_a_script_that_peeks_at_a_batch_and_ends_exits_cleanly(small_data):
     assert "terminate called" not in proc.stderr
 
 
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_augmented_batch_matches_reference_through_the_loader(small_data, compile):
+@pytest.mark.parametrize("op", ["eager", "compiled", "fused"])
+def test_augmented_batch_matches_reference_through_the_loader(small_data, op):
     """The module inside the FFCV pipeline sees the right pixels: recompute from the beton.
-    Compiled (as under `train --compile`, inside FFCV's thread) it must give the same numbers."""
+    Compiled (as under `train --compile`, inside FFCV's thread) or fused (numba, FFCV's thread) it
+    must give the same numbers."""
+    from fastcifar.cpu_augment import FusedCropFlip
+
     path = small_data / "train.beton"
-    augment = RandomCropFlip(seed=0, device=CPU, compile=compile)
+    augment = RandomCropFlip(seed=0, device=CPU, compile=op == "compiled")
+    if op == "fused":
+        augment.op = FusedCropFlip(augment.normalize.mean, augment.normalize.std)
     loader = make_loader(path, CPU, batch_size=450, workers=1, train=True, seed=0, augment=augment)
     images, _, indices = next(iter(loader))
     beton = read_beton(path, ("image", "index"))

@@ -39,7 +39,7 @@ def test_stages_that_do_not_fit_the_budget_are_skipped_and_named(tmp_path):
 
 
 def test_a_check_killed_mid_stage_has_reported_every_stage_that_ran(tmp_path):
-    """Killed (as a lease ending would) once the second chosen stage has started: stages.json and
+    """Killed (as a rented GPU's time limit would) once the second chosen stage has started: stages.json and
     summary.md already hold the data stage and the first chosen one."""
     proc = gpu_check_cli("--out", str(tmp_path), "--stages", "timer-overhead,cuda-tests")
     try:

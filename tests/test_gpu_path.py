@@ -83,26 +83,59 @@ def test_every_compilation_runs_on_the_main_thread_while_no_ffcv_thread_runs(sma
     assert 0 < results["eval_warm_up_s"] < results["warm_up_s"]
 
 
-def test_the_device_op_keeps_the_faster_op_and_compiles_the_other_sizes_only_when_kept(monkeypatch):
-    """warm_up times compiled against eager on the first (full) batch size; the remaining sizes are
-    compiled only when the compiled op wins, each being one more compilation at start-up."""
+@pytest.mark.parametrize("faster", ["compiled", "eager", "fused"])
+def test_the_device_op_keeps_the_fastest_op_and_compiles_the_other_sizes_only_when_kept(monkeypatch, faster):
+    """warm_up times compiled, eager and (on CPU) the fused numba pass on the first (full) batch size,
+    keeps the fastest and records every candidate's time; the remaining sizes are compiled only when
+    the compiled op wins, each being one more compilation at start-up."""
     from fastcifar import augment
+    from fastcifar.cpu_augment import FusedCropFlip
 
-    for faster, other_sizes_run in [("compiled", [72]), ("eager", [])]:
-        op = augment.RandomCropFlip(0, CPU, compile=True)
-        called: list[int] = []
+    op = augment.RandomCropFlip(0, CPU, compile=True)
+    called: list[int] = []
 
-        def compiled_op(images, *rest, _called=called):
-            _called.append(images.shape[0])
-            return augment.crop_flip_normalize(images, *rest)
+    def compiled_op(images, *rest):
+        called.append(images.shape[0])
+        return augment.crop_flip_normalize(images, *rest)
 
-        op.op = compiled_op
-        winner = compiled_op if faster == "compiled" else augment.crop_flip_normalize
-        monkeypatch.setattr(augment, "_ms_per_call", lambda f, args, _winner=winner: 1.0 if f is _winner else 2.0)
-        op.warm_up([128, 72])
-        assert op.choice["op"] == faster and op.choice["batch"] == 128
-        assert called == other_sizes_run
-        assert (op.op is compiled_op) == (faster == "compiled")
+    op.op = compiled_op
+    name = {compiled_op: "compiled", augment.crop_flip_normalize: "eager"}.get
+    monkeypatch.setattr(augment, "_ms_per_call",
+                        lambda f, args: 1.0 if (name(f) or "fused") == faster else 2.0)
+    op.warm_up([128, 72])
+    assert op.choice["op"] == faster and op.choice["batch"] == 128
+    assert {k for k in op.choice if k.endswith("_ms")} == {"compiled_ms", "eager_ms", "fused_ms"}
+    assert called == ([72] if faster == "compiled" else [])
+    assert isinstance(op.op, FusedCropFlip) == (faster == "fused")
+    assert (op.op is compiled_op) == (faster == "compiled")
+
+
+def test_a_measured_device_op_choice_is_reused_and_the_losers_are_not_compiled(monkeypatch, tmp_path):
+    """The second warm-up with the same machine, versions, code, batch and threads takes the first one's
+    measured winner from beside Inductor's cache: nothing is timed, and a losing compiled op never runs."""
+    from fastcifar import augment
+    from fastcifar.cpu_augment import FusedCropFlip
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv(augment.CHOICE_CACHE_ENV, "1")
+    monkeypatch.setattr(augment, "_ms_per_call", lambda f, args: 1.0 if isinstance(f, FusedCropFlip) else 2.0)
+    first = augment.RandomCropFlip(0, CPU, compile=True)
+    first.warm_up([128, 72])
+    assert first.choice["op"] == "fused" and first.choice["measured"] == "now"
+
+    def never(*args):
+        raise AssertionError("timed or compiled although the choice was cached")
+
+    monkeypatch.setattr(augment, "_ms_per_call", never)
+    second = augment.RandomCropFlip(1, CPU, compile=True)
+    second.op = never  # the compiled candidate: must not run
+    second.warm_up([128, 72])
+    assert isinstance(second.op, FusedCropFlip) and second.choice["measured"] == "earlier (cached)"
+    assert second.choice["fused_ms"] == first.choice["fused_ms"]
+    other = augment.RandomCropFlip(0, CPU, compile=True)  # another batch size: another key, measured anew
+    monkeypatch.setattr(augment, "_ms_per_call", lambda f, args: 1.0)
+    other.warm_up([64])
+    assert other.choice["measured"] == "now"
 
 
 class Exploding(torch.nn.Module):

@@ -120,6 +120,37 @@ def test_cli_writes_six_metrics_and_weights(cli_run):
     assert sum(startup[k] for k in pieces) == pytest.approx(startup["startup_s"], abs=0.3 + 0.05 * startup["startup_s"])
     assert startup["compile_cache"] is None and startup["compile_cache_warm"] is None  # eager: nothing compiled
     assert "start-up (to the first step)" in result.stdout
+    # FLOPs and utilisation: torch's count, the probe's rate, their ratio; the machine recorded exactly
+    assert metrics["flops_per_image"] == metrics["flops"]["train_step_flops"] / 128
+    probe, util = env["attainable_fp32"], metrics["utilisation"]
+    assert probe["gflops"] >= probe["median_gflops"] > 0 and probe["calls"] >= 1 and probe["threads"] >= 1
+    images = sum(e["train_images"] for e in metrics["epochs"])
+    assert util["mean_epoch"]["gflops"] == pytest.approx(
+        images / sum(metrics["epoch_times_s"]) * metrics["flops_per_image"] / 1e9)
+    for part in ("mean_epoch", "compute_time"):
+        assert 0 < util[part]["utilisation"] <= 1
+        assert util[part]["utilisation"] == pytest.approx(util[part]["gflops"] / probe["gflops"])
+    assert "utilisation (of the fp32 matmul rate)" in result.stdout
+    assert env["machine"]["logical_cpus"] >= 1 and env["versions"]["torch"] == torch.__version__
+    assert env["versions"]["torch_build"] in ("cpu", "rocm") or env["versions"]["torch_build"].startswith("cu")
+
+
+def test_flops_are_torchs_count_of_a_training_step():
+    """step_flops counts on the meta device; the same model on the CPU, counted by FlopCounterMode
+    directly over forward and backward, gives the same total (and it scales with the batch)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastcifar.flops import flops_record, step_flops, utilisation
+
+    model = resnetv2_20().to(memory_format=torch.channels_last)
+    images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(model(images), torch.zeros(4, dtype=torch.int64)).backward()
+    counts = step_flops(4)
+    assert counts["train_step"] == counter.get_total_flops() == counts["forward"] + counts["backward"]
+    assert 2 * counts["forward"] < counts["train_step"] < 4 * counts["forward"]  # backward ~ 2x forward
+    assert flops_record(8)["flops_per_image"] == pytest.approx(counts["train_step"] / 4)
+    assert utilisation(100.0, 1e9, 200.0) == {"gflops": 100.0, "utilisation": 0.5}
 
 
 def test_running_out_of_gpu_memory_is_a_user_error(small_data, tmp_path, monkeypatch):

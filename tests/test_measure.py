@@ -1,0 +1,77 @@
+"""`make results` (fastcifar.measure): machine names, the dirty-tree refusal, and resuming without
+redoing what this commit already measured."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastcifar import measure
+from fastcifar.env import git_commit, machine_name
+from fastcifar.utils import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("machine, gpu, expected", [
+    ({"cpu_model": "AMD EPYC", "cpu_flags": {"avx2": True, "avx512f": False}, "usable_cpus": 2}, None,
+     "amd-epyc-avx2-2c"),
+    ({"cpu_model": "AMD EPYC", "cpu_flags": {"avx2": True, "avx512f": True}, "usable_cpus": 2}, None,
+     "amd-epyc-avx512-2c"),
+    ({"cpu_model": "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz", "cpu_flags": {"avx512f": True, "amx_tile": True},
+      "usable_cpus": 2}, None, "intel-xeon-platinum-8481c-amx-2c"),
+    ({"cpu_model": "AMD EPYC 9654 96-Core Processor", "cpu_flags": {"avx512f": True}, "usable_cpus": 16},
+     {"name": "NVIDIA H200"}, "nvidia-h200-16c"),
+])
+def test_machine_names_are_short_stable_and_tell_the_instruction_sets_apart(machine, gpu, expected):
+    assert machine_name({"machine": machine, "gpu": gpu}) == expected
+
+
+def test_a_dirty_tree_is_refused(monkeypatch, small_data, tmp_path):
+    monkeypatch.setattr("fastcifar.env.git_commit", lambda: "0123abc+dirty")
+    with pytest.raises(UserError, match="uncommitted changes"):
+        measure.main(["--data-dir", str(small_data), "--out", str(tmp_path), "--stages", "probe"])
+    assert not any(tmp_path.iterdir())  # nothing written before the refusal
+
+
+def test_spec_runs_of_another_commit_are_removed_and_this_commits_kept(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for name, commit in [("ffcv-seed0", "old"), ("ffcv-seed1", "new")]:
+        (runs / f"{name}.json").write_text(json.dumps({"env": {"git_commit": commit}}))
+        (runs / f"{name}.log").write_text("log")
+    removed = measure.stale_runs(runs, "new")
+    assert sorted(p.name for p in removed) == ["ffcv-seed0.json", "ffcv-seed0.log"]
+    assert sorted(p.name for p in runs.iterdir()) == ["ffcv-seed1.json", "ffcv-seed1.log"]
+
+
+@pytest.mark.skipif(git_commit() is None, reason="needs a git checkout (the commit is what makes a stage done)")
+def test_a_stage_done_at_this_commit_is_kept_and_one_of_another_commit_measured_again(small_data, tmp_path):
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fastcifar.measure", "--data-dir", str(small_data), "--out",
+                               str(tmp_path), "--machine", "here", "--stages", "probe", "--device", "cpu",
+                               "--allow-dirty"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    first = run()
+    assert first.returncode == 0, first.stderr[-2000:]
+    probe = json.loads((tmp_path / "here" / "probe.json").read_text())
+    assert probe["attainable_fp32"]["gflops"] > 0 and probe["flops_per_image"] > 0
+    assert probe["env"]["git_commit"] == git_commit() and "[1/1 probe] ok" in first.stdout
+    stages = json.loads((tmp_path / "here" / "measure.json").read_text())
+    assert stages["commit"] == git_commit() and stages["stages"]["probe"]["rc"] == 0
+
+    second = run()  # resumed: nothing redone
+    assert second.returncode == 0 and "done at this commit" in second.stdout
+    assert json.loads((tmp_path / "here" / "probe.json").read_text()) == probe
+
+    probe["env"]["git_commit"] = "another"
+    (tmp_path / "here" / "probe.json").write_text(json.dumps(probe))
+    third = run()  # measured at another commit: measured again
+    assert third.returncode == 0 and "[1/1 probe] ok" in third.stdout
+    assert json.loads((tmp_path / "here" / "probe.json").read_text())["env"]["git_commit"] == git_commit()
