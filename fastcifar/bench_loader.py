@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .data import LOADERS, make_loaders
 from .env import adamw, environment, set_cudnn, set_float32_precision
-from .flops import flops_record, matmul_probe, utilisation
+from .flops import attainable_probe, flops_record, utilisation
 from .model import resnetv2_20
 from .precompile import batch_sizes, frozen, warm_up_run
 from .profiling import StepTimer
@@ -110,7 +110,7 @@ def compute_only(args: argparse.Namespace, device: torch.device) -> dict:
     """The model's training throughput with no data pipeline at all (the `synthetic` loader: one fixed
     batch on the device), set up, compiled and warmed up as end to end, then `--compute-rounds` timed
     epochs of `--compute-steps` steps: the denominator of the headroom, and the compute-only floor
-    whose utilisation says how close a step comes to the device's matmul rate."""
+    whose utilisation says how close a step comes to the device's attainable fp32 rate."""
     loaders = make_loaders(args.data_dir, device, args.batch_size, args.workers, args.seed,
                            compile_augment=args.compile, loader="synthetic")
     steps = argparse.Namespace(**{**vars(args), "max_steps": args.compute_steps})
@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 r.update(paired(r["epoch_seconds"], results["memory"]["epoch_seconds"], "ratio_to_memory"))
         elif base:
             r["ratio_to_torch"] = r["images_per_s"] / results[base]["images_per_s"]
-    env["attainable_fp32"] = matmul_probe(device)  # after the timed work, on the same threads
+    env["attainable_fp32"] = attainable_probe(device)  # after the timed work, on the same threads
     flops = add_utilisation(results, compute, env["attainable_fp32"], args.batch_size)
     write_json_atomic(out, {**results, **({"compute_only": compute} if compute else {}),
                             "flops_per_image": flops["flops_per_image"], "flops": flops, "env": env,
@@ -263,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join([header, "-" * len(header), *rows]))
     probe = env["attainable_fp32"]
     print(f"util.: a training step's {flops['flops_per_image'] / 1e6:.0f} MFLOP per image x images/s over this "
-          f"device's fp32 matmul rate, {probe['gflops']:.0f} GFLOP/s ({probe['n']}x{probe['n']} torch.mm)")
+          f"device's attainable fp32 rate, {probe['gflops']:.0f} GFLOP/s (its {probe['kernel']} probe; matmul "
+          f"{probe['matmul']['gflops']:.0f}, conv {probe['conv']['gflops']:.0f})")
     if compute:
         print(f"headroom: the pipeline's images/s / the model's compute-only training images/s "
               f"({compute['images_per_s']:,.0f}, {compute['steps']} steps on one fixed batch): how much faster the "

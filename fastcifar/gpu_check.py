@@ -234,7 +234,7 @@ def _row(name: str, r: dict | None, stage: dict | None, synthetic: bool) -> str:
 
 
 def _util(r: dict) -> str:
-    """'41.2 % (1234 GFLOP/s)': the mean epoch's share of the device's fp32 matmul rate."""
+    """'41.2 % (1234 GFLOP/s)': the mean epoch's share of the device's attainable fp32 rate."""
     u = (r.get("utilisation") or {}).get("mean_epoch")
     return f"{100 * u['utilisation']:.1f} % ({u['gflops']:,.0f} GFLOP/s)" if u else "-"
 
@@ -278,7 +278,7 @@ def write_summary(out: Path, stages: dict, smoke: bool, device: str, synthetic: 
     if probe:
         flops = next((r["flops_per_image"] for r in runs.values() if r and "flops_per_image" in r), None)
         lines += [f"Utilisation: a training step's {flops / 1e6:.0f} MFLOP per image (FlopCounterMode) x images/s over "
-                  f"the device's fp32 matmul rate, {probe['gflops']:,.0f} GFLOP/s ({probe['method']}; "
+                  f"the device's attainable fp32 rate, {probe['gflops']:,.0f} GFLOP/s ({probe['method']}; "
                   f"TF32 {'on' if probe.get('tf32') else 'off'})", ""]
     bench = _load(out / "bench_loader.json")
     if bench:

@@ -9,7 +9,7 @@ Stages, in order, each a separate process with its log under OUT/<machine>/logs/
               intervals for the loader ratio and the utilisation)
   end-to-end  `fastcifar.bench_loader --end-to-end` (ffcv, memory, synthetic; --e2e-repeats rounds)
   startup     `fastcifar.bench_startup -- --compile` (one cold run, then --startup-repeats warm ones)
-  probe       the device's fp32 matmul rate and the step's FLOPs, on their own (probe.json)
+  probe       the device's attainable fp32 rate (matmul and conv probes) and the step's FLOPs, alone (probe.json)
 Everything goes to OUT/<machine>/ (default docs/results/<machine>/, the machine named from its CPU or GPU
 model and core count: `env.machine_name`), with the commit in every JSON. Resumable: a stage whose
 output exists from this commit is not redone (a run of the spec seeds likewise); one from another commit
@@ -55,17 +55,17 @@ def commit_of(path: Path) -> str | None:
 
 
 def probe(out: Path, device: str) -> None:
-    """The probe stage, in its own process: the matmul rate on the run's threads, and the FLOPs."""
+    """The probe stage, in its own process: the attainable rate on the run's threads, and the FLOPs."""
     import torch
 
     from .env import environment, set_float32_precision
-    from .flops import flops_record, matmul_probe
+    from .flops import attainable_probe, flops_record
     from .utils import resolve_device
 
     dev = resolve_device(device)
     set_float32_precision(dev, tf32=False)
     env = environment(dev, module="fastcifar.measure")
-    rates = [matmul_probe(dev) for _ in range(3)]  # three probes: how much the attainable rate moves
+    rates = [attainable_probe(dev) for _ in range(3)]  # three probes: how much the attainable rate moves
     record = flops_record(128)
     write_json_atomic(out, {"attainable_fp32": max(rates, key=lambda r: r["gflops"]),
                             "probes_gflops": [r["gflops"] for r in rates], "flops_per_image": record["flops_per_image"],
@@ -130,7 +130,7 @@ class Measurement:
                                     stdin=subprocess.DEVNULL, text=True, bufsize=1)
             for line in proc.stdout:  # the stage's own progress lines, here and in its log
                 f.write(line)
-                if line.strip() and "\r" not in line and not line.lstrip().startswith(("epoch ", "val", "test")):
+                if line.strip() and "\r" not in line and not line.rstrip().endswith(("it/s]", "batch/s]")):
                     print(f"  {line.rstrip()[:160]}", flush=True)
             rc = proc.wait()
         seconds = time.perf_counter() - t0

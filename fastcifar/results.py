@@ -91,10 +91,10 @@ def summary_table(results: dict) -> str:
                                         f"{results['compute_time_s_max_rank']:.1f} s"))
     if "utilisation" in results:
         u = results["utilisation"]
-        rows.append(("utilisation (of the fp32 matmul rate)",
+        rows.append(("utilisation (of the attainable fp32 rate)",
                      f"{100 * u['mean_epoch']['utilisation']:.1f} % over the mean epoch "
                      f"({u['mean_epoch']['gflops']:.1f} GFLOP/s), {100 * u['compute_time']['utilisation']:.1f} % "
-                     f"of the compute time; matmul {u['attainable_gflops']:.0f} GFLOP/s, "
+                     f"of the compute time; attainable {u['attainable_gflops']:.0f} GFLOP/s, "
                      f"{results['flops_per_image'] / 1e6:.0f} MFLOP per image"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from . import __version__, distributed
 from .data import LOADERS, make_loaders, split_sizes
 from .env import adamw, environment, seconds_since_process_start, set_cudnn, set_float32_precision
-from .flops import matmul_probe, run_utilisation
+from .flops import attainable_probe, run_utilisation
 from .model import count_parameters, resnetv2_20
 from .precompile import frozen, import_compiler, mark_step, warm_up_evaluation, warm_up_run
 from .profiling import (
@@ -384,7 +384,7 @@ def run(args: argparse.Namespace, entered: float) -> int:
                           compile_cache["fx_graph_misses"] == 0 and compile_cache["fx_graph_hits"] > 0}
     results["device_op"] = device_op
     # After the clock and the test: the probe is not part of the run (1-2 s on the run's threads).
-    env["attainable_fp32"] = matmul_probe(device)
+    env["attainable_fp32"] = attainable_probe(device)
     results.update(run_utilisation(results, env["attainable_fp32"], args.batch_size, ranks.world_size))
     weights = args.out / f"{run_name}.pt"
     with atomic_path(weights) as tmp:
