@@ -93,7 +93,12 @@ class Measurement:
         self.stages: dict[str, dict] = {}
 
     def done(self, name: str) -> bool:
+        """The stage's output exists from this commit (for the spec: all --seeds runs of it)."""
         path = self.folder / OUTPUT[name]
+        if name == "spec":
+            runs = [p for p in (self.folder / "spec" / "runs").glob("*.json") if commit_of(p) == self.commit]
+            if len(runs) < self.args.seeds:
+                return False
         return path.is_file() and self.commit is not None and commit_of(path) == self.commit
 
     def estimate(self, name: str) -> float:

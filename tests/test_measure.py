@@ -75,3 +75,20 @@ def test_a_stage_done_at_this_commit_is_kept_and_one_of_another_commit_measured_
     third = run()  # measured at another commit: measured again
     assert third.returncode == 0 and "[1/1 probe] ok" in third.stdout
     assert json.loads((tmp_path / "here" / "probe.json").read_text())["env"]["git_commit"] == git_commit()
+
+
+def test_the_spec_stage_is_done_only_with_every_asked_seed_at_this_commit(tmp_path):
+    import argparse
+
+    runs = tmp_path / "spec" / "runs"
+    runs.mkdir(parents=True)
+    (tmp_path / "spec" / "summary.json").write_text("{}")
+    for seed, commit in [(0, "this"), (1, "this"), (2, "other")]:
+        (runs / f"ffcv-seed{seed}.json").write_text(json.dumps({"env": {"git_commit": commit}}))
+
+    def done(seeds: int) -> bool:
+        return measure.Measurement(argparse.Namespace(seeds=seeds, budget_s=0), tmp_path, "this", tmp_path).done("spec")
+
+    assert not done(3)  # seed 2 is another commit's: measured again
+    (runs / "ffcv-seed2.json").write_text(json.dumps({"env": {"git_commit": "this"}}))
+    assert done(3) and not done(5)  # more seeds asked: the stage runs the missing ones
