@@ -11,7 +11,6 @@ Usage: python -m fastcifar.bench_startup --data-dir data [--repeats 3] [--out re
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -21,10 +20,7 @@ from pathlib import Path
 
 from .env import environment
 from .report import describe
-from .utils import ArgumentParser, UserError, resolve_device, run_cli, write_json_atomic
-
-# The folder holding this fastcifar (a checkout or site-packages): every run imports the same one.
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+from .utils import ArgumentParser, UserError, child_env, resolve_device, run_cli, write_json_atomic
 
 PIECES = ["python_and_imports_s", "setup_s", "compiler_import_s", "betons_check_s", "loaders_s", "model_s",
           "compile_s", "first_batch_s", "startup_s"]
@@ -35,9 +31,7 @@ DATA_PIPELINE = ("betons_check_s", "loaders_s", "first_batch_s")
 
 
 def one_run(data_dir: Path, cache: Path, trainer: list[str], out: Path, name: str) -> dict:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "NUMBA_CACHE_DIR": str(cache / "numba"),
-           "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = child_env(cache)
     cmd = [sys.executable, "-m", "fastcifar.train", "--data-dir", str(data_dir), "--epochs", "1",
            "--max-steps-per-epoch", "1", *trainer, "--out", str(out), "--run-name", name]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)

@@ -238,28 +238,23 @@ def gpu(device: torch.device) -> dict | None:
 def environment(device: torch.device, module: str = "fastcifar.train", **settings: object) -> dict:
     """Versions, device, threads, the run's settings and the command line: read at start, so the
     git commit is that of the code that runs."""
-    from importlib.metadata import PackageNotFoundError, version
-
     import numpy
 
-    try:
-        ffcv_version = version("ffcv")  # ffcv.__version__ says 0.0.3rc1 in the 1.0.2 release
-    except PackageNotFoundError:
-        ffcv_version = None
+    stack = versions()  # ffcv's from its metadata: ffcv.__version__ says 0.0.3rc1 in the 1.0.2 release
     cuda = torch.device(device).type == "cuda"
     return {
         "fastcifar": __version__,
         "torch": torch.__version__,
         "cuda": torch.version.cuda if cuda else None,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "ffcv": ffcv_version,
+        "ffcv": None if stack["ffcv"] == "absent" else stack["ffcv"],
         "numpy": numpy.__version__,
         "python": platform.python_version(),
         "device": str(device),
         "device_name": device_name(device),
         "torch_threads": torch.get_num_threads(),
         "machine": machine(),
-        "versions": versions(),
+        "versions": stack,
         "gpu": gpu(device),
         **settings,
         "git_commit": git_commit(),

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -42,10 +41,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .report import percent_interval
-from .utils import ArgumentParser, UserError, atomic_path, run_cli, write_json_atomic
+from .utils import PACKAGE_ROOT, ArgumentParser, UserError, atomic_path, child_env, run_cli, write_json_atomic
 
-# The folder holding this fastcifar (a checkout or site-packages): every stage imports the same one.
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> extra trainer flags; every variant is the spec run with --compile
     "spec": [],
     "reduce-overhead": ["--compile-mode", "reduce-overhead"],
@@ -115,8 +112,7 @@ class Check:
         log = self.out / "logs" / f"{name}.log"
         print(f"[{name}] {' '.join(cmd)}", flush=True)
         t0 = time.perf_counter()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+        env = child_env()
         with open(log, "w") as f:
             try:
                 rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=limit,

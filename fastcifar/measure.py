@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -30,9 +29,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .utils import ArgumentParser, UserError, run_cli, write_json_atomic
+from .utils import ArgumentParser, UserError, child_env, run_cli, write_json_atomic
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["warm-up", "spec", "loader", "end-to-end", "startup", "probe"]
 # Seconds per stage before anything is measured here (a 2-core CPU); the spec's is replaced by the
 # warm-up epoch's measured time x 10 epochs x seeds once the warm-up ran.
@@ -126,9 +124,7 @@ class Measurement:
             return False
         log = self.folder / "logs" / f"{name}.log"
         print(f"{tag} {' '.join(cmd)}  (log: {log}; ~{self.estimate(name) / 60:.0f} min)", flush=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_CACHE_DIR": str(self.cache / "inductor"),
-               "NUMBA_CACHE_DIR": str(self.cache / "numba"),
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+        env = child_env(self.cache)
         t0 = time.perf_counter()
         with open(log, "w") as f:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,

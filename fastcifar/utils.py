@@ -173,3 +173,17 @@ def device_name(device) -> str:
     except OSError:
         pass
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+# The folder holding this fastcifar (a checkout or site-packages): every child process imports the same one.
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env(caches: Path | None = None) -> dict[str, str]:
+    """The environment of a fastcifar command run as a child process: unbuffered output, this fastcifar
+    first on PYTHONPATH and, with `caches`, Inductor's and numba's compile caches under that folder."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+    if caches is not None:
+        env |= {"TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "NUMBA_CACHE_DIR": str(caches / "numba")}
+    return env
