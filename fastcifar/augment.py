@@ -61,6 +61,15 @@ def crop_flip_normalize(images: torch.Tensor, offsets: torch.Tensor, flips: torc
     return torch.where(inside, out, 0.0).contiguous(memory_format=torch.channels_last)
 
 
+def normalize_table(mean: torch.Tensor, std: torch.Tensor):
+    """(C, 256) float32 numpy: every uint8 value of every channel through `normalize` itself, so a pass
+    that looks values up (cpu_augment.FusedCropFlip) gives the torch op's numbers bit for bit."""
+    import numpy as np
+
+    values = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(1, mean.shape[1], 1, 256)
+    return np.ascontiguousarray(normalize(values, mean.cpu(), std.cpu())[0, :, 0, :].numpy())
+
+
 def _ms_per_call(op, args: tuple, calls: int = 10, rounds: int = 3) -> float:
     """Milliseconds per call, the best of `rounds` rounds of `calls` calls after one untimed call, the
     device synchronised at both ends of each round (one round of 5 calls picked the slower op once)."""
@@ -96,8 +105,8 @@ def choice_key(device: torch.device, batch: int, threads: int) -> str:
     torch's and numba's versions, the candidates' source code, the batch size and the thread count."""
     from importlib.metadata import PackageNotFoundError, version
 
+    from .devices import device_name
     from .env import machine
-    from .utils import device_name
 
     here = Path(__file__).resolve().parent
     code = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("augment.py", "cpu_augment.py"))).hexdigest()
@@ -214,7 +223,7 @@ class RandomCropFlip(nn.Module):
         if device.type == "cpu":  # FFCV's style on a CPU: one numba pass, parallel over the batch
             from .cpu_augment import FusedCropFlip
 
-            candidates["fused"] = FusedCropFlip(self.normalize.mean, self.normalize.std)
+            candidates["fused"] = FusedCropFlip(normalize_table(self.normalize.mean, self.normalize.std))
         key = choice_key(device, sizes[0], torch.get_num_threads())
         cached = read_choice(key)
         if cached and cached.get("op") in candidates:

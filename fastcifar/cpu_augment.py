@@ -4,7 +4,8 @@ float32 channels-last batch.
 
 Why: on a CPU the torch op runs as a gather, a float conversion and three element-wise passes on one
 thread inside FFCV's thread (see loaders/ffcv_loader.OneTorchThread); this writes every output value
-once. Normalisation is a 256-entry table per channel computed by `augment.normalize` itself, so each
+once. Normalisation is a 256-entry table per channel that `augment.normalize_table` computes with the
+torch op's own `normalize` and hands in (this module imports nothing of augment's), so each
 value is the torch op's bit for bit. The random draws stay the torch generator's (`RandomCropFlip.draw`):
 same seed, same crops and flips whichever op runs. A candidate of `RandomCropFlip.warm_up`, kept only
 where it measures fastest.
@@ -36,19 +37,11 @@ def _crop_flip_table(images, offsets, flips, table, pad, size, out):  # pragma: 
                         out[i, r, j, ch] = table[ch, images[i, row, col, ch]]
 
 
-def normalize_table(mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
-    """(C, 256) float32: every uint8 value of every channel through `augment.normalize`."""
-    from .augment import normalize
-
-    values = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(1, mean.shape[1], 1, 256)
-    return np.ascontiguousarray(normalize(values, mean.cpu(), std.cpu())[0, :, 0, :].numpy())
-
-
 class FusedCropFlip:
     """crop_flip_normalize's signature and output (float32 NCHW, channels_last memory), on the CPU."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
-        self.table = normalize_table(mean, std)
+    def __init__(self, table: np.ndarray):
+        self.table = table  # (C, 256) float32: `augment.normalize_table`, the torch op's values
 
     def __call__(self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, mean: torch.Tensor,
                  std: torch.Tensor, pad: int, size: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .betons import MANIFEST, SPLITS, manifest_problem, read_split
+from .beton_check import MANIFEST, SPLITS, manifest_problem, read_split
 from .loaders.ffcv_loader import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, LoaderThreadDied, make_loader
 from .utils import UserError
 

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .utils import UserError, first_line, resolve_device
+from .devices import resolve_device
+from .utils import UserError, first_line
 
 # How long a collective waits for a missing rank before the survivors give up (torchrun itself
 # stops the others within seconds when one rank exits; this bounds runs started without it).
@@ -132,15 +133,11 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, device: torch.device, compile_mode: str | None) -> nn.Module:
-    """The module the training loop calls. One process: `torch.compile(model)` or the model itself, as
-    ever. Under torchrun: DDP over the model, compiled the way PyTorch's documentation for torch 2.13
-    recommends ("Where to apply torch.compile?": compile the inner module, `model.compile()`, then
-    wrap it in DistributedDataParallel) — Dynamo then never traces DDP's own hooks."""
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """Under torchrun: DDP over the model (compiled in place first under --compile: `train.compiled`);
+    one process: the model itself."""
     if not active():
-        return torch.compile(model, mode=compile_mode) if compile_mode else model
-    if compile_mode:
-        model.compile(mode=compile_mode)
+        return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 

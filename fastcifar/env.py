@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .utils import device_name
+from .devices import device_name
 
 
 def seconds_since_process_start() -> float:
@@ -67,16 +67,6 @@ def set_cudnn(device: torch.device, deterministic: bool) -> dict:
     torch.backends.cudnn.deterministic = deterministic
     return {"cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_deterministic": deterministic,
             "applies": cuda}
-
-
-def adamw(params, device: torch.device, lr: float, weight_decay: float) -> tuple[torch.optim.Optimizer, dict]:
-    """The spec's AdamW (betas 0.9/0.999): fused into one kernel per step on CUDA (a step of many small
-    kernels is launch-bound there), torch's default (foreach) implementation on the CPU. Returns the
-    optimizer and what was chosen, for `env`."""
-    fused = torch.device(device).type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay,
-                                  **({"fused": True} if fused else {}))
-    return optimizer, {"name": "AdamW", "fused": fused}
 
 
 def git_commit() -> str | None:
@@ -156,49 +146,6 @@ def machine() -> dict:
         "os": pretty,
         "kernel": platform.release(),
     }
-
-
-def isa_tag(flags: dict) -> str:
-    """The widest vector unit the flags name: amx, avx512, avx2, neon/sve, or sse."""
-    for tag, flag in (("amx", "amx_tile"), ("avx512", "avx512f"), ("avx2", "avx2"), ("sve", "sve"),
-                      ("neon", "asimd")):
-        if flags.get(flag):
-            return tag
-    return "sse"
-
-
-def machine_name(env: dict) -> str:
-    """A short, stable folder name for a machine: the GPU's model (and its count) where a GPU ran, else the
-    CPU's model with its widest vector unit; then the logical CPUs. 'amd-epyc-avx512-2c', 'nvidia-h200-16c'."""
-    import re
-
-    mach = env.get("machine") or {}
-    gpu = (env.get("gpu") or {}).get("name")
-    if gpu:
-        base = re.sub(r"\b(nvidia|geforce|tesla)\b", "", gpu.lower())
-        base = "nvidia-" + base if "nvidia" in gpu.lower() else base
-    else:
-        base = re.sub(r"\(r\)|\(tm\)|\bcpu\b|\bprocessor\b|@.*|\d+-core", "", (mach.get("cpu_model") or "cpu").lower())
-        base += " " + isa_tag(mach.get("cpu_flags") or {})
-    slug = re.sub(r"[^a-z0-9]+", "-", base).strip("-")
-    return f"{slug}-{mach.get('usable_cpus') or mach.get('logical_cpus') or os.cpu_count()}c"
-
-
-def machine_line(env: dict) -> str | None:
-    """One line for a report: the CPU as the OS names it, its flags, CPUs, memory, OS, the GPU, the stack's
-    versions (None for an env recorded before `machine` was)."""
-    mach, v, gpu = env.get("machine"), env.get("versions"), env.get("gpu")
-    if not mach or not v:
-        return None
-    flags = ", ".join(k for k, on in mach["cpu_flags"].items() if on) or "none recorded"
-    gpu_text = (f"; GPU {gpu['name']} ({gpu['memory_gib']} GiB), driver {gpu['driver']}, CUDA {gpu['cuda']}, "
-                f"cuDNN {gpu['cudnn']}") if gpu else "; no GPU"
-    return (f"{mach['cpu_model']} ({mach['cpu_vendor']}, family {mach['cpu_family']} model {mach['cpu_model_number']}),"
-            f" {mach['logical_cpus']} logical CPUs, {mach['logical_cpus_are']}, {mach['memory_gib']} GiB; flags: "
-            f"{flags}; {mach['os']}, kernel {mach['kernel']}{gpu_text}. Python {v['python']}, torch {v['torch']} "
-            f"({v['torch_build']}), numpy {v['numpy']}, numba {v['numba']}, ffcv {v['ffcv']}, DALI {v['dali']}, "
-            f"torchvision {v['torchvision']}, tensorboard {v['tensorboard']}, "
-            f"torch-tb-profiler {v['torch-tb-profiler']}")
 
 
 def versions() -> dict:

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from .data import check_betons, make_loader
+from .devices import resolve_device
 from .model import resnetv2_20
 from .train import evaluate
-from .utils import ArgumentParser, UserError, first_line, resolve_device, run_cli
+from .utils import ArgumentParser, UserError, first_line, run_cli
 
 
 def load_model(weights: Path, device: torch.device) -> torch.nn.Module:

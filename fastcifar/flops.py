@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from .utils import synchronize
+from .devices import synchronize
 
 COUNTED_BY = "torch.utils.flop_counter.FlopCounterMode"
 # Matmul sizes of the probe: big enough to reach the kernel's steady rate, small enough that one call

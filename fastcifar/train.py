@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from . import __version__, distributed
 from .data import LOADERS, make_loaders, split_sizes
-from .env import adamw, environment, seconds_since_process_start, set_cudnn, set_float32_precision
+from .devices import device_name, synchronize
+from .env import environment, seconds_since_process_start, set_cudnn, set_float32_precision
 from .flops import attainable_probe, run_utilisation
 from .model import count_parameters, resnetv2_20
 from .precompile import frozen, import_compiler, mark_step, warm_up_evaluation, warm_up_run
@@ -39,17 +40,7 @@ from .profiling import (
     parse_profile_steps,
 )
 from .results import collect, epoch_line, summary_table, warm_up_line
-from .utils import (
-    ArgumentParser,
-    UserError,
-    atomic_path,
-    device_name,
-    plain_name,
-    run_cli,
-    synchronize,
-    writable_folder,
-    write_json_atomic,
-)
+from .utils import ArgumentParser, UserError, atomic_path, plain_name, run_cli, writable_folder, write_json_atomic
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -99,6 +90,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
         raise UserError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     return args
+
+
+def adamw(params, device: torch.device, lr: float, weight_decay: float) -> tuple[torch.optim.Optimizer, dict]:
+    """The spec's AdamW (betas 0.9/0.999): fused into one kernel per step on CUDA (a step of many small
+    kernels is launch-bound there), torch's default (foreach) implementation on the CPU. Returns the
+    optimizer and what was chosen, for `env`."""
+    fused = torch.device(device).type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay,
+                                  **({"fused": True} if fused else {}))
+    return optimizer, {"name": "AdamW", "fused": fused}
+
+
+def compiled(model: nn.Module, compile_mode: str | None) -> nn.Module:
+    """The module the training loop calls: `torch.compile(model)` under --compile (eager otherwise).
+    Under torchrun the inner module is compiled in place (`model.compile()`), which DDP then wraps
+    (`distributed.wrap`), as PyTorch's documentation for torch 2.13 recommends ("Where to apply
+    torch.compile?"): Dynamo then never traces DDP's own hooks."""
+    if not compile_mode:
+        return model
+    if distributed.active():
+        model.compile(mode=compile_mode)
+        return model
+    return torch.compile(model, mode=compile_mode)
 
 
 def _progress(total: int, desc: str) -> tqdm:
@@ -301,7 +315,7 @@ def run(args: argparse.Namespace, entered: float) -> int:
             "and trains nothing meaningful (its accuracies are chance)", flush=True)
     model = resnetv2_20().to(device=device, memory_format=torch.channels_last)
     optimizer, env["optimizer"] = adamw(model.parameters(), device, args.lr, args.weight_decay)
-    net = distributed.wrap(model, device, compile_mode)  # torch.compile and, under torchrun, DDP
+    net = distributed.wrap(compiled(model, compile_mode), device)  # under torchrun: DDP
     env["process_group"] = distributed.backend()
     processes = ""
     if ranks.world_size > 1:  # FFCV's and torch's DistributedSampler pad the split to a multiple of N

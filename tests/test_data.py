@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastcifar.augment import IMAGENET_MEAN, IMAGENET_STD, Normalize, RandomCropFlip
+from fastcifar.augment import IMAGENET_MEAN, IMAGENET_STD, Normalize, RandomCropFlip, normalize_table
 from fastcifar.data import make_loader, read_beton
 
 CPU = torch.device("cpu")
@@ -53,7 +53,7 @@ def test_fused_cpu_op_equals_the_reference_at_every_offset_and_flip():
     flips = torch.cat([torch.zeros(81, dtype=torch.bool), torch.ones(81, dtype=torch.bool)])
     images = torch.randint(0, 256, (162, 32, 32, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
     norm = Normalize()
-    fused = FusedCropFlip(norm.mean, norm.std)(images, offsets, flips, norm.mean, norm.std, 4, 32)
+    fused = FusedCropFlip(normalize_table(norm.mean, norm.std))(images, offsets, flips, norm.mean, norm.std, 4, 32)
     assert fused.is_contiguous(memory_format=torch.channels_last) and fused.dtype == torch.float32
     assert torch.equal(fused, reference(images, offsets, flips))
     assert torch.equal(fused, crop_flip_normalize(images, offsets, flips, norm.mean, norm.std, 4, 32))
@@ -193,7 +193,7 @@ def test_augmented_batch_matches_reference_through_the_loader(small_data, op):
     path = small_data / "train.beton"
     augment = RandomCropFlip(seed=0, device=CPU, compile=op == "compiled")
     if op == "fused":
-        augment.op = FusedCropFlip(augment.normalize.mean, augment.normalize.std)
+        augment.op = FusedCropFlip(normalize_table(augment.normalize.mean, augment.normalize.std))
     loader = make_loader(path, CPU, batch_size=450, workers=1, train=True, seed=0, augment=augment)
     images, _, indices = next(iter(loader))
     beton = read_beton(path, ("image", "index"))

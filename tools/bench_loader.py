@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastcifar.bench_loader import cli  # noqa: E402
+from fastcifar.benchmarks.bench_loader import cli  # noqa: E402
 
 if __name__ == "__main__":
     cli()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastcifar.gpu_check import cli  # noqa: E402
+from fastcifar.benchmarks.gpu_check import cli  # noqa: E402
 
 if __name__ == "__main__":
     cli()

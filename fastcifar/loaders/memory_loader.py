@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..augment import Normalize, RandomCropFlip
-from ..betons import read_split
+from ..beton_check import read_split
 from ..distributed import eval_shard, rank_images, train_shard
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..augment import IMAGENET_MEAN, IMAGENET_STD
-from ..betons import read_split
+from ..beton_check import read_split
 from ..distributed import eval_shard
 
 

@@ -32,7 +32,7 @@ model = resnetv2_20().to(memory_format=torch.channels_last)
 for module in model.modules():
     if isinstance(module, nn.BatchNorm2d):
         module.train = lambda mode=True, m=module: nn.Module.train(m, False)  # stays on running statistics
-net = distributed.wrap(model, device, None)
+net = distributed.wrap(model, device)
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4)
 stats = train_epoch(net, train, optimizer, device, StepTimer(device), max_steps=1)
 assert stats["train_images"] == 128, stats

@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from fastcifar import gpu_check
+from fastcifar.benchmarks import gpu_check
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
@@ -67,7 +67,7 @@ def test_isolated_and_end_to_end(small_data, tmp_path):
 
 def test_rounds_rotate_and_pair():
     """Each pipeline takes every place in a round in turn; ratios are taken within a round."""
-    from fastcifar.bench_loader import paired, rotated
+    from fastcifar.benchmarks.bench_loader import paired, rotated
 
     names = ["ffcv", "memory", "synthetic"]
     orders = [rotated(names, i) for i in range(3)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WAT_KEYS = {"model_name", "framework_name", "dataset", "task", "total_training_time", "average_epoch_training_time",
             "average_batch_inference_time", "final_training_loss", "final_evaluation_accuracy", "final_test_accuracy"}
 
@@ -101,7 +101,7 @@ def record_loader(path: Path) -> str:
 
 
 def test_a_re_export_replaces_an_earlier_exports_files(finished):
-    from fastcifar.report import export_wat_files, load_runs
+    from fastcifar.reporting.bench_report import export_wat_files, load_runs
 
     stale = finished / "export" / "wat" / "memory-seed0.json"  # an earlier export's name
     stale.write_text("{}\n")
@@ -122,7 +122,7 @@ def test_resume_runs_only_what_is_missing_and_other_recipes_are_refused(finished
 
 
 def test_shard_auto_reads_a_slurm_array_and_refuses_without_one():
-    from fastcifar.bench import shard_from_env
+    from fastcifar.benchmarks.bench import shard_from_env
     from fastcifar.utils import UserError
 
     assert shard_from_env({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "4"}) == "0/4"

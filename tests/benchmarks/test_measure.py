@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from fastcifar import measure
-from fastcifar.env import git_commit, machine_name
+from fastcifar.benchmarks import measure
+from fastcifar.env import git_commit
+from fastcifar.reporting.machines import machine_name
 from fastcifar.utils import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("machine, gpu, expected", [

@@ -1,0 +1,279 @@
+"""Loader benchmark, two ways, every pipeline from `fastcifar.data.make_loaders` (nothing implemented twice):
+
+  isolated     images/s of ready-to-train batches of the train split on the device, after a warm-up
+               epoch: what each pipeline can deliver with nothing else running; and its headroom:
+               those images/s over the model's compute-only training images/s on the same device
+               (`--compute-steps` steps on one fixed batch), i.e. how many times faster the model
+               could get before that pipeline becomes the bottleneck
+  --end-to-end one warm-up and `--repeats` timed training epochs of the spec model per pipeline (the
+               trainer's own loop, `--compile` as given), in rounds: each round times one epoch of
+               every pipeline, in an order rotated by one each round, so that neither a drifting
+               machine nor a place in the round favours one. Reported: the median epoch's seconds,
+               images/s, data and compute time, data fraction; the overhead over `synthetic` and the
+               ratio to `memory` *paired by round* (the mean over rounds of epoch / synthetic's epoch
+               of the same round, minus 1, with its 95 % confidence interval); and the CPU seconds the
+               process used per epoch (all its threads; not worker processes'), paired the same way
+
+Pipelines: ffcv, torch, memory, dali (when installed), and synthetic (the compute-only floor, end
+to end only). Usage: python -m fastcifar.bench_loader --data-dir data [--end-to-end] [--loaders ffcv,torch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..data import LOADERS, make_loaders
+from ..devices import device_name, resolve_device, synchronize
+from ..env import environment, set_cudnn, set_float32_precision
+from ..flops import attainable_probe, flops_record, utilisation
+from ..model import resnetv2_20
+from ..precompile import batch_sizes, frozen, warm_up_run
+from ..profiling import StepTimer
+from ..reporting.stats import describe, percent_interval
+from ..train import adamw, train_epoch
+from ..utils import ArgumentParser, UserError, run_cli, write_json_atomic
+
+
+def dali_installed() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def isolated(loader, device: torch.device, epochs: int, name: str) -> dict:
+    """One warm-up epoch, then `epochs` timed epochs of the train loader; the clock stops after the
+    device is done."""
+    seconds, total = [], 0
+    for e in range(epochs + 1):
+        synchronize(device)
+        t0 = time.perf_counter()
+        seen = 0
+        for images, _, _ in tqdm(loader, total=len(loader), leave=False, desc=f"{name} {'warm-up' if e == 0 else e}"):
+            seen += images.shape[0]
+        synchronize(device)
+        if e:
+            seconds.append(time.perf_counter() - t0)
+            total += seen
+    return {"images_per_s": total / sum(seconds), "seconds_per_epoch": sum(seconds) / len(seconds),
+            "epoch_seconds": seconds, "images_per_epoch": total // epochs}
+
+
+class EndToEnd:
+    """One pipeline's training set-up, kept alive so that timed epochs of all pipelines can be
+    interleaved: compile and warm up as `train --compile` does, then one untimed epoch (FFCV's JIT,
+    caches) before any timed one."""
+
+    def __init__(self, loaders: dict, device: torch.device, args: argparse.Namespace, name: str):
+        torch.manual_seed(args.seed)
+        self.model = resnetv2_20().to(device=device, memory_format=torch.channels_last)
+        self.optimizer, _ = adamw(self.model.parameters(), device, lr=1e-3, weight_decay=1e-4)  # as the trainer's
+        self.net = torch.compile(self.model) if args.compile else self.model
+        self.train, self.device, self.max_steps, self.name = loaders["train"], device, args.max_steps, name
+        warm_up_run(self.net, self.model, {"train": self.train}, device, args.batch_size, args.max_steps, None)
+        self.epochs: list[dict] = []
+        self.epoch(timed=False)
+
+    def epoch(self, timed: bool = True) -> None:
+        cpu0 = time.process_time()  # CPU seconds of every thread of this process (not of worker processes)
+        with frozen():
+            stats = train_epoch(self.net, self.train, self.optimizer, self.device, StepTimer(self.device),
+                                self.max_steps, desc=f"{self.name}{'' if timed else ' warm-up'}")
+        cpu_s = time.process_time() - cpu0
+        if timed:
+            self.epochs.append({**{k: stats[k] for k in ("seconds", "images_per_s", "train_images", "data_time_s",
+                                                         "compute_time_s", "data_fraction")}, "cpu_s": cpu_s})
+
+    def result(self) -> dict:
+        """The median epoch by seconds (with one epoch, that epoch), and every epoch's seconds."""
+        median = sorted(self.epochs, key=lambda e: e["seconds"])[(len(self.epochs) - 1) // 2]
+        cpu = sorted(e["cpu_s"] for e in self.epochs)[(len(self.epochs) - 1) // 2]
+        return {**median, "cpu_s": cpu, "epoch_seconds": [e["seconds"] for e in self.epochs],
+                "epoch_cpu_s": [e["cpu_s"] for e in self.epochs], "epochs_timed": len(self.epochs)}
+
+
+def compute_only(args: argparse.Namespace, device: torch.device) -> dict:
+    """The model's training throughput with no data pipeline at all (the `synthetic` loader: one fixed
+    batch on the device), set up, compiled and warmed up as end to end, then `--compute-rounds` timed
+    epochs of `--compute-steps` steps: the denominator of the headroom, and the compute-only floor
+    whose utilisation says how close a step comes to the device's attainable fp32 rate."""
+    loaders = make_loaders(args.data_dir, device, args.batch_size, args.workers, args.seed,
+                           compile_augment=args.compile, loader="synthetic")
+    steps = argparse.Namespace(**{**vars(args), "max_steps": args.compute_steps})
+    setup = EndToEnd(loaders, device, steps, "compute-only")
+    for _ in range(args.compute_rounds):
+        setup.epoch()
+    rates = [e["images_per_s"] for e in setup.epochs]
+    stats = describe(rates)
+    return {"images_per_s": stats["mean"], "images_per_s_ci95": stats["ci95"] if len(rates) > 1 else None,
+            "images_per_s_per_round": rates, "rounds": len(rates),
+            "steps": min(args.compute_steps, len(loaders["train"])), "seconds": sum(e["seconds"] for e in setup.epochs)}
+
+
+def add_utilisation(results: dict, compute: dict | None, probe: dict, batch: int) -> dict:
+    """flops_per_image, and each row's achieved GFLOP/s and utilisation: the compute-only floor's
+    (isolated), every pipeline's training epoch (end to end). Returns the FLOP record."""
+    flops = flops_record(batch)
+    per_image, attainable = flops["flops_per_image"], probe["gflops"]
+    if compute:
+        compute.update(utilisation(compute["images_per_s"], per_image, attainable))
+        if compute.get("images_per_s_ci95"):
+            compute["utilisation_ci95"] = [utilisation(v, per_image, attainable)["utilisation"]
+                                           for v in compute["images_per_s_ci95"]]
+    for r in results.values():
+        if "seconds" in r:  # end to end: a training epoch
+            r.update(utilisation(r["images_per_s"], per_image, attainable))
+    return flops
+
+
+def rotated(names: list[str], i: int) -> list[str]:
+    """Round i's order: the pipelines rotated by i, so each takes every place in the round in turn
+    (no pipeline always runs first, or always right after the same one)."""
+    return names[i % len(names):] + names[:i % len(names)]
+
+
+def paired(values: list[float], base: list[float], key: str, shift: float = 0.0) -> dict:
+    """Round-by-round ratios values[i] / base[i] (the same round: the same state of the machine),
+    their mean + `shift` as `key`, its 95 % confidence interval (None with one round) and every
+    round's. Why not the ratio of medians: on a VM whose speed drifts by ±10 % over minutes, the
+    pairing removes the drift the pipelines share, and the interval says what is left."""
+    ratios = [v / b for v, b in zip(values, base, strict=True)]
+    stats = describe(ratios)
+    ci = [c + shift for c in stats["ci95"]] if stats["n"] > 1 else None
+    return {key: stats["mean"] + shift, f"{key}_ci95": ci, f"{key}_per_round": [r + shift for r in ratios]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = ArgumentParser(prog="bench_loader", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="betons from tools/make_beton.py")
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--loaders", default=None,
+                   help="comma-separated pipelines (default: all installed; synthetic only with --end-to-end)")
+    p.add_argument("--workers", type=int, default=2, help="loader threads or processes")
+    p.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    p.add_argument("--epochs", type=int, default=2, help="isolated: timed epochs after one warm-up epoch")
+    p.add_argument("--end-to-end", action="store_true", help="time a training epoch of the spec model per pipeline")
+    p.add_argument("--max-steps", type=int, default=None, help="end to end: cap each epoch (smoke runs)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="end to end: rounds, each one timed epoch per pipeline (order rotated); ratios paired by round")
+    p.add_argument("--compute-steps", type=int, default=50,
+                   help="isolated: training steps of the spec model on one fixed batch (synthetic), for the "
+                        "headroom column and the compute-only floor's utilisation (0: skip)")
+    p.add_argument("--compute-rounds", type=int, default=1,
+                   help="isolated: timed rounds of --compute-steps steps (2+: an interval for the floor)")
+    p.add_argument("--seed", type=int, default=0, help="order and augmentation seed")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.compile the device op (and, end to end, the model), as `train --compile` does")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON results (default results/bench_loader.json, or bench_end_to_end.json)")
+    args = p.parse_args(argv)
+    if min(args.workers, args.batch_size, args.epochs, args.repeats, args.max_steps or 1,
+           args.compute_rounds) < 1 or args.compute_steps < 0:
+        raise UserError("--workers, --batch-size, --epochs, --repeats, --max-steps and --compute-rounds must be at "
+                        "least 1, --compute-steps at least 0")
+    device = resolve_device(args.device)
+    set_float32_precision(device, tf32=False)
+    set_cudnn(device, deterministic=False)  # the trainer's defaults
+    available = [n for n in LOADERS if n != "dali" or dali_installed()]
+    names = args.loaders.split(",") if args.loaders else [n for n in available if args.end_to_end or n != "synthetic"]
+    for name in names:
+        if name not in LOADERS:
+            raise UserError(f"unknown loader {name!r}: choose from {', '.join(LOADERS)}")
+    if args.end_to_end and "synthetic" not in names:
+        names.append("synthetic")
+    out = args.out or Path("results") / ("bench_end_to_end.json" if args.end_to_end else "bench_loader.json")
+
+    # The code and machine as they are at the start (a run takes minutes; a commit meanwhile is not it).
+    env = environment(device, module="fastcifar.bench_loader", compile=args.compile, workers=args.workers,
+                      batch_size=args.batch_size)
+    results: dict = {}
+    setups: dict[str, EndToEnd] = {}
+    for name in names:
+        loaders = make_loaders(args.data_dir, device, args.batch_size, args.workers, args.seed,
+                               compile_augment=args.compile, loader=name)
+        if args.end_to_end:
+            setups[name] = EndToEnd(loaders, device, args, name)
+        else:
+            train = loaders["train"]
+            if getattr(train.augment, "compiled", False):  # compiled on this thread, never in a loader's
+                train.augment.warm_up(batch_sizes(train.images, args.batch_size))
+            with frozen():
+                results[name] = isolated(train, device, args.epochs, name)
+            results[name]["device_op"] = getattr(train.augment, "choice", None)  # the op kept, every candidate's ms
+        del loaders
+    for i in range(args.repeats if args.end_to_end else 0):
+        for name in rotated(list(setups), i):
+            setups[name].epoch()
+    results.update({name: setup.result() for name, setup in setups.items()})
+    compute = None
+    if not args.end_to_end and args.compute_steps:
+        compute = compute_only(args, device)
+        for r in results.values():
+            r["headroom"] = r["images_per_s"] / compute["images_per_s"]
+    base = "torch" if "torch" in results else None
+    for r in results.values():
+        if args.end_to_end:
+            r.update(paired(r["epoch_seconds"], results["synthetic"]["epoch_seconds"], "overhead_vs_synthetic", -1))
+            r.update(paired(r["epoch_cpu_s"], results["synthetic"]["epoch_cpu_s"], "cpu_overhead_vs_synthetic", -1))
+            if "memory" in results:
+                r.update(paired(r["epoch_seconds"], results["memory"]["epoch_seconds"], "ratio_to_memory"))
+        elif base:
+            r["ratio_to_torch"] = r["images_per_s"] / results[base]["images_per_s"]
+    env["attainable_fp32"] = attainable_probe(device)  # after the timed work, on the same threads
+    flops = add_utilisation(results, compute, env["attainable_fp32"], args.batch_size)
+    write_json_atomic(out, {**results, **({"compute_only": compute} if compute else {}),
+                            "flops_per_image": flops["flops_per_image"], "flops": flops, "env": env,
+                            "mode": "end_to_end" if args.end_to_end else "isolated"})
+    mode = f"end to end, {args.repeats} round(s) of one training epoch each" if args.end_to_end else "isolated"
+    print(f"loader benchmark ({mode}): batch "
+          f"{args.batch_size}, {args.workers} workers, {device_name(device)} ({device}), "
+          f"{'compiled' if args.compile else 'eager'}")
+    if args.end_to_end:
+        header = f"{'pipeline':<10}{'epoch s':>9}{'images/s':>10}{'data s':>8}{'compute s':>10}{'data frac':>10}" \
+                 f"{'vs synthetic':>13}{'95 % CI':>17}{'vs memory':>10}{'CPU s':>8}{'CPU vs synth':>13}{'util.':>7}"
+        rows = [f"{n:<10}{r['seconds']:>9.2f}{r['images_per_s']:>10,.0f}{r['data_time_s']:>8.2f}"
+                f"{r['compute_time_s']:>10.2f}{r['data_fraction']:>10.3f}{100 * r['overhead_vs_synthetic']:>+12.1f}%"
+                + f"{percent_interval(r['overhead_vs_synthetic_ci95']):>17}"
+                + (f"{r['ratio_to_memory']:>9.3f}x" if "ratio_to_memory" in r else f"{'':>10}")
+                + f"{r['cpu_s']:>8.1f}{100 * r['cpu_overhead_vs_synthetic']:>+12.1f}%{100 * r['utilisation']:>6.1f}%"
+                for n, r in results.items()]
+    else:
+        header = f"{'pipeline':<13}{'images/s':>12}{'vs torch':>10}{'s / epoch':>11}{'headroom':>10}{'util.':>8}"
+        rows = [f"{n:<13}{r['images_per_s']:>12,.0f}" + (f"{r['ratio_to_torch']:>9.2f}x" if "ratio_to_torch" in r
+                                                         else f"{'':>10}") + f"{r['seconds_per_epoch']:>11.2f}"
+                + (f"{r['headroom']:>9.1f}x" if "headroom" in r else f"{'':>10}") + f"{'':>8}"
+                for n, r in results.items()]
+        if compute:
+            rows.append(f"{'compute-only':<13}{compute['images_per_s']:>12,.0f}{'':>10}{'':>11}{'':>10}"
+                        f"{100 * compute['utilisation']:>7.1f}%")
+    print("\n".join([header, "-" * len(header), *rows]))
+    probe = env["attainable_fp32"]
+    print(f"util.: a training step's {flops['flops_per_image'] / 1e6:.0f} MFLOP per image x images/s over this "
+          f"device's attainable fp32 rate, {probe['gflops']:.0f} GFLOP/s (its {probe['kernel']} probe; matmul "
+          f"{probe['matmul']['gflops']:.0f}, conv {probe['conv']['gflops']:.0f})")
+    if compute:
+        print(f"headroom: the pipeline's images/s / the model's compute-only training images/s "
+              f"({compute['images_per_s']:,.0f}, {compute['steps']} steps on one fixed batch): how much faster the "
+              "model could get before the pipeline is the bottleneck")
+    if args.end_to_end:
+        print(f"vs synthetic / vs memory: mean over {args.repeats} round(s) of the same round's epoch ratio; "
+              "95 % CI of that mean (needs 2+ rounds)")
+    if "dali" not in available:
+        print('dali: not installed (pip install "fastcifar[dali]", or pip install -e ".[dali]" in a checkout)')
+    print(f"written to {out}")
+    return 0
+
+
+def cli() -> None:
+    run_cli(main, "bench_loader")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,215 @@
+"""Every published figure, re-measured in one command at one commit: `make results` (this module, then
+`fastcifar.render`), from a checkout or an installed fastcifar.
+
+Stages, in order, each a separate process with its log under OUT/<machine>/logs/ (not committed):
+  warm-up     one epoch of `fastcifar.train --compile` with empty compile caches: the cold start (its
+              start-up is reported as such) and the caches every later stage starts from; not a seed
+  spec        `fastcifar.bench --seeds N --compile --export wat`: the spec's six metrics, mean ± sd
+  loader      `fastcifar.bench_loader`, isolated (5 timed epochs each, the compute-only floor in 3 rounds:
+              intervals for the loader ratio and the utilisation)
+  end-to-end  `fastcifar.bench_loader --end-to-end` (ffcv, memory, synthetic; --e2e-repeats rounds)
+  startup     `fastcifar.bench_startup -- --compile` (one cold run, then --startup-repeats warm ones)
+  probe       the device's attainable fp32 rate (matmul and conv probes) and the step's FLOPs, alone (probe.json)
+Everything goes to OUT/<machine>/ (default docs/results/<machine>/, the machine named from its CPU or GPU
+model and core count: `env.machine_name`), with the commit in every JSON. Resumable: a stage whose
+output exists from this commit is not redone (a run of the spec seeds likewise); one from another commit
+is measured again. A dirty tree is refused (--allow-dirty to measure it anyway, marked +dirty). With
+--budget-s a stage is started only when its estimate fits in what is left; --stages picks stages.
+Both compile caches (Inductor's, numba's) live in results/.cache/<machine>/, emptied by the warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..utils import ArgumentParser, UserError, child_env, plain_name, run_cli, write_json_atomic
+from .stages import StageRunner, check_budget, parse_stages
+
+STAGES = ["warm-up", "spec", "loader", "end-to-end", "startup", "probe"]
+# Seconds per stage before anything is measured here (a 2-core CPU); the spec's is replaced by the
+# warm-up epoch's measured time x 10 epochs x seeds once the warm-up ran.
+ESTIMATE_S = {"warm-up": 300, "spec": 3 * 2500, "loader": 240, "end-to-end": 900, "startup": 300, "probe": 20}
+OUTPUT = {"warm-up": "cold-start.json", "spec": "spec/summary.json", "loader": "bench_loader.json",
+          "end-to-end": "bench_end_to_end.json", "startup": "bench_startup.json", "probe": "probe.json"}
+
+
+def commit_of(path: Path) -> str | None:
+    """The commit a results JSON (or a bench's summary: its runs) was measured at."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if path.name == "summary.json":
+        runs = sorted((path.parent / "runs").glob("*.json"))
+        commits = {json.loads(r.read_text())["env"].get("git_commit") for r in runs}
+        return commits.pop() if len(commits) == 1 else None
+    return (data.get("env") or {}).get("git_commit")
+
+
+def probe(out: Path, device: str) -> None:
+    """The probe stage, in its own process: the attainable rate on the run's threads, and the FLOPs."""
+    import torch
+
+    from ..devices import resolve_device
+    from ..env import environment, set_float32_precision
+    from ..flops import attainable_probe, flops_record
+
+    dev = resolve_device(device)
+    set_float32_precision(dev, tf32=False)
+    env = environment(dev, module="fastcifar.measure")
+    rates = [attainable_probe(dev) for _ in range(3)]  # three probes: how much the attainable rate moves
+    record = flops_record(128)
+    write_json_atomic(out, {"attainable_fp32": max(rates, key=lambda r: r["gflops"]),
+                            "probes_gflops": [r["gflops"] for r in rates], "flops_per_image": record["flops_per_image"],
+                            "flops": record, "torch_threads": torch.get_num_threads(), "env": env})
+
+
+def stale_runs(runs: Path, commit: str | None) -> list[Path]:
+    """Remove the spec runs measured at another commit (fastcifar.bench then runs those seeds again);
+    returns what was removed."""
+    removed = []
+    for path in sorted(runs.glob("*.json")):
+        if commit_of(path) != commit:
+            for f in runs.glob(path.stem + ".*"):
+                f.unlink()
+                removed.append(f)
+    return removed
+
+
+class Measurement:
+    """The stages of one `make results`: which are done at this commit (resumption), their estimates,
+    and `measure.json` (the stages' results, rewritten after every stage by the runner)."""
+
+    def __init__(self, args: argparse.Namespace, folder: Path, commit: str | None, cache: Path):
+        self.args, self.folder, self.commit, self.cache = args, folder, commit, cache
+        self.runner = StageRunner(folder, args.budget_s or None, self.report, self.estimate, self.done, echo=True)
+
+    def report(self, stages: dict) -> None:
+        write_json_atomic(self.folder / "measure.json", {"commit": self.commit, "stages": stages})
+
+    def done(self, name: str) -> str | None:
+        """Why the stage needs no run: its output exists from this commit (for the spec: all --seeds runs of it)."""
+        path = self.folder / OUTPUT[name]
+        if name == "spec":
+            runs = [p for p in (self.folder / "spec" / "runs").glob("*.json") if commit_of(p) == self.commit]
+            if len(runs) < self.args.seeds:
+                return None
+        if path.is_file() and self.commit is not None and commit_of(path) == self.commit:
+            return f"done at this commit: {path}"
+        return None
+
+    def estimate(self, name: str) -> float:
+        cold = self.folder / OUTPUT["warm-up"]
+        if name == "spec" and cold.is_file():
+            epoch = json.loads(cold.read_text())["epoch_time_s"]
+            return self.args.seeds * (10 * epoch + 120)
+        return ESTIMATE_S[name]
+
+    def run(self, i: int, name: str, cmd: list[str]) -> bool:
+        tag = f"[{i}/{len(self.args.stage_list)} {name}]"
+        if not self.done(name):
+            print(f"{tag} ~{self.estimate(name) / 60:.0f} min", flush=True)
+        ok = self.runner.run(name, cmd, child_env(self.cache), tag=tag)
+        return ok and (self.runner.stages[name]["rc"] == "kept" or (self.folder / OUTPUT[name]).is_file())
+
+
+def commands(name: str, args: argparse.Namespace, folder: Path) -> list[str]:
+    py, data = sys.executable, str(args.data_dir)
+    common = ["--data-dir", data, "--device", args.device]
+    if name == "warm-up":
+        return [py, "-m", "fastcifar.train", *common, "--compile", "--epochs", "1", "--out", str(folder),
+                "--run-name", "cold-start"]
+    if name == "spec":
+        return [py, "-m", "fastcifar.bench", "--seeds", str(args.seeds), "--name", "spec", "--root", str(folder),
+                "--export", "wat", "--compile", *common]
+    if name == "loader":
+        return [py, "-m", "fastcifar.bench_loader", *common, "--epochs", "5", "--compute-rounds", "3",
+                "--out", str(folder / OUTPUT["loader"])]
+    if name == "end-to-end":
+        return [py, "-m", "fastcifar.bench_loader", *common, "--end-to-end", "--loaders", "ffcv,memory",
+                "--repeats", str(args.e2e_repeats), "--max-steps", str(args.e2e_steps),
+                "--out", str(folder / OUTPUT["end-to-end"])]
+    if name == "startup":
+        return [py, "-m", "fastcifar.bench_startup", "--data-dir", data, "--repeats", str(args.startup_repeats),
+                "--out", str(folder / OUTPUT["startup"]), "--", "--compile", "--device", args.device]
+    return [py, "-m", "fastcifar.measure", "--probe-only", str(folder / OUTPUT["probe"]), "--device", args.device]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = ArgumentParser(prog="fastcifar.measure", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="betons from tools/make_beton.py")
+    p.add_argument("--out", type=Path, default=Path("docs/results"), help="results root: OUT/<machine>/")
+    p.add_argument("--machine", default=None, help="the machine's folder name (default: from its CPU/GPU model)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda")
+    p.add_argument("--seeds", type=int, default=3, help="spec runs, seeds 0..N-1")
+    p.add_argument("--e2e-repeats", type=int, default=10, help="end to end: rounds")
+    p.add_argument("--e2e-steps", type=int, default=30, help="end to end: steps per timed epoch")
+    p.add_argument("--startup-repeats", type=int, default=5, help="start-up: warm runs")
+    p.add_argument("--stages", default=None, help=f"comma-separated, from {', '.join(STAGES)} (default: all)")
+    p.add_argument("--budget-s", type=float, default=0, help="seconds the whole command may take (0: no limit)")
+    p.add_argument("--allow-dirty", action="store_true", help="measure a tree with uncommitted changes")
+    p.add_argument("--probe-only", type=Path, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.probe_only:
+        probe(args.probe_only, args.device)
+        return 0
+    args.stage_list = parse_stages(args.stages, STAGES)
+    check_budget(args.budget_s)
+    if min(args.seeds, args.e2e_repeats, args.e2e_steps, args.startup_repeats) < 1:
+        raise UserError("--seeds, --e2e-repeats, --e2e-steps and --startup-repeats must be at least 1")
+    if args.machine is not None:
+        plain_name(args.machine, "--machine")  # a folder under --out, never a path out of it
+    from ..data import check_betons
+    from ..devices import resolve_device
+    from ..env import environment, git_commit
+    from ..reporting.machines import machine_name
+
+    commit = git_commit()
+    if commit and commit.endswith("+dirty") and not args.allow_dirty:
+        raise UserError("the tree has uncommitted changes: commit them (every figure names its commit), "
+                        "or pass --allow-dirty")
+    check_betons(args.data_dir)  # one line now, not a failed stage later
+    env = environment(resolve_device(args.device), module="fastcifar.measure")
+    name = args.machine or machine_name(env)
+    folder = args.out / name
+    try:
+        (folder / "logs").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create {folder}: {err.strerror or err}") from None
+    cache = Path("results") / ".cache" / name
+    m = Measurement(args, folder, commit, cache)
+    mach = env["machine"]
+    print(f"measuring {name}: {mach['cpu_model']}, {mach['logical_cpus']} logical CPUs "
+          f"({mach['logical_cpus_are']}), {env['device_name']}; commit {commit}; stages {', '.join(args.stage_list)}",
+          flush=True)
+    failed = []
+    for i, stage in enumerate(args.stage_list, 1):
+        if stage == "warm-up" and not m.done(stage):
+            shutil.rmtree(cache, ignore_errors=True)  # a cold start is one with empty caches
+        if stage == "spec" and not m.done(stage):
+            stale_runs(folder / "spec" / "runs", commit)
+        if not m.run(i, stage, commands(stage, args, folder)):
+            failed += [] if m.runner.stages[stage]["rc"] == "skipped" else [stage]
+    stages = m.runner.stages
+    skipped = m.runner.skipped()
+    print(f"measure: {len(stages) - len(failed) - len(skipped)}/{len(stages)} stages ok"
+          + (f", skipped {', '.join(skipped)}" if skipped else "") + f"; results in {folder}; "
+          "render the tables with: python -m fastcifar.render")
+    if failed:
+        print(f"fastcifar.measure: error: failed stages: {', '.join(failed)} (logs in {folder / 'logs'})",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cli() -> None:
+    run_cli(main, "fastcifar.measure")
+
+
+if __name__ == "__main__":
+    cli()
