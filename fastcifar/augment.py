@@ -120,12 +120,25 @@ def choice_key(device: torch.device, batch: int, threads: int) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
 
 
-def read_choice(key: str) -> dict | None:
-    path = _choice_file()
+def _known_choices(path: Path) -> dict:
+    """The cache file's entries; {} for a file that is absent, unreadable or not an object of entries."""
     try:
-        return json.loads(path.read_text()).get(key) if path else None
-    except (OSError, ValueError):
-        return None
+        known = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def read_choice(key: str, candidates: list[str], batch: int) -> dict | None:
+    """The measured choice kept for `key`, or None when there is none that can be used (a damaged cache,
+    an entry lacking a field or naming another candidate): a cache that cannot be used costs only the
+    measurement again, never the run."""
+    path = _choice_file()
+    entry = _known_choices(path).get(key) if path else None
+    times = [f"{name}_ms" for name in candidates]
+    usable = (isinstance(entry, dict) and entry.get("op") in candidates and entry.get("batch") == batch
+              and all(isinstance(entry.get(k), (int, float)) and not isinstance(entry.get(k), bool) for k in times))
+    return entry if usable else None
 
 
 def write_choice(key: str, choice: dict) -> None:
@@ -137,12 +150,8 @@ def write_choice(key: str, choice: dict) -> None:
     if path is None:
         return
     try:
-        known = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        known = {}
-    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, {**known, key: choice})
+        write_json_atomic(path, {**_known_choices(path), key: choice})
     except OSError:
         pass
 
@@ -225,8 +234,8 @@ class RandomCropFlip(nn.Module):
 
             candidates["fused"] = FusedCropFlip(normalize_table(self.normalize.mean, self.normalize.std))
         key = choice_key(device, sizes[0], torch.get_num_threads())
-        cached = read_choice(key)
-        if cached and cached.get("op") in candidates:
+        cached = read_choice(key, list(candidates), sizes[0])
+        if cached:
             # This machine measured these candidates with this code before: keep its winner, and compile
             # nothing that lost (the compiled op's trace alone is ~2 s of a 2-core CPU's start-up).
             self.choice = {**cached, "measured": "earlier (cached)"}

@@ -182,6 +182,15 @@ def gpu(device: torch.device) -> dict | None:
             "driver": driver, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
 
 
+# Environment variables that change what a figure measures (threads, OpenMP waiting, compilers, caches):
+# recorded in every results JSON, so that an option run says which option it was.
+SETTING_PREFIXES = ("OMP_", "KMP_", "GOMP_", "MKL_", "TORCH", "NUMBA_", "FASTCIFAR_", "CUDA_VISIBLE_DEVICES")
+
+
+def setting_variables() -> dict[str, str]:
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(SETTING_PREFIXES)}
+
+
 def environment(device: torch.device, module: str = "fastcifar.train", **settings: object) -> dict:
     """Versions, device, threads, the run's settings and the command line: read at start, so the
     git commit is that of the code that runs."""
@@ -204,6 +213,7 @@ def environment(device: torch.device, module: str = "fastcifar.train", **setting
         "versions": stack,
         "gpu": gpu(device),
         **settings,
+        "environment_variables": setting_variables(),
         "git_commit": git_commit(),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         # a module name runs with -m, a script (tools/...) by its path

@@ -45,6 +45,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int], prog: str) -> None:
     keeps its traceback.
     """
     try:
+        check_cache_folders()
         code = main(None)
     except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
@@ -60,6 +61,19 @@ def run_cli(main: Callable[[Sequence[str] | None], int], prog: str) -> None:
         print(f"{prog}: interrupted", file=sys.stderr)
         code = 130
     sys.exit(code)
+
+
+# Folders that torch (Inductor, even imported by an eager run) and numba create and write on import or first use.
+CACHE_VARIABLES = {"TORCHINDUCTOR_CACHE_DIR": "Inductor's compile cache", "NUMBA_CACHE_DIR": "numba's compile cache"}
+
+
+def check_cache_folders() -> None:
+    """A cache variable naming something that is not a folder is refused up front, with the variable's name:
+    torch would stop every run, with or without --compile, with 'File exists (<path>)'."""
+    for name, what in CACHE_VARIABLES.items():
+        value = os.environ.get(name)
+        if value and os.path.lexists(value) and not os.path.isdir(value):
+            raise UserError(f"{name}={value} is not a folder: point it at a folder for {what}, or unset it")
 
 
 def file_digests(*paths: Path, chunk: int = 1 << 20,

@@ -21,6 +21,7 @@ to end only). Usage: python -m fastcifar.bench_loader --data-dir data [--end-to-
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +38,7 @@ from ..precompile import batch_sizes, frozen, warm_up_run
 from ..profiling import StepTimer
 from ..reporting.stats import describe, percent_interval
 from ..train import adamw, train_epoch
-from ..utils import ArgumentParser, UserError, run_cli, write_json_atomic
+from ..utils import ArgumentParser, UserError, run_cli, writable_folder, write_json_atomic
 
 
 def dali_installed() -> bool:
@@ -92,10 +93,13 @@ class EndToEnd:
                                                          "compute_time_s", "data_fraction")}, "cpu_s": cpu_s})
 
     def result(self) -> dict:
-        """The median epoch by seconds (with one epoch, that epoch), and every epoch's seconds."""
-        median = sorted(self.epochs, key=lambda e: e["seconds"])[(len(self.epochs) - 1) // 2]
-        cpu = sorted(e["cpu_s"] for e in self.epochs)[(len(self.epochs) - 1) // 2]
-        return {**median, "cpu_s": cpu, "epoch_seconds": [e["seconds"] for e in self.epochs],
+        """The median epoch's seconds and images/s (of an even count, the mean of the two middle epochs), the
+        data/compute split of the epoch nearest it, and every epoch's seconds."""
+        seconds = statistics.median(e["seconds"] for e in self.epochs)
+        nearest = min(self.epochs, key=lambda e: abs(e["seconds"] - seconds))
+        cpu = statistics.median(e["cpu_s"] for e in self.epochs)
+        return {**nearest, "seconds": seconds, "images_per_s": nearest["train_images"] / seconds, "cpu_s": cpu,
+                "epoch_seconds": [e["seconds"] for e in self.epochs],
                 "epoch_cpu_s": [e["cpu_s"] for e in self.epochs], "epochs_timed": len(self.epochs)}
 
 
@@ -174,8 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None,
                    help="JSON results (default results/bench_loader.json, or bench_end_to_end.json)")
     args = p.parse_args(argv)
-    if min(args.workers, args.batch_size, args.epochs, args.repeats, args.max_steps or 1,
-           args.compute_rounds) < 1 or args.compute_steps < 0:
+    steps = 1 if args.max_steps is None else args.max_steps  # --max-steps 0 would time empty epochs
+    if min(args.workers, args.batch_size, args.epochs, args.repeats, steps, args.compute_rounds) < 1 \
+            or args.compute_steps < 0:
         raise UserError("--workers, --batch-size, --epochs, --repeats, --max-steps and --compute-rounds must be at "
                         "least 1, --compute-steps at least 0")
     device = resolve_device(args.device)
@@ -189,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.end_to_end and "synthetic" not in names:
         names.append("synthetic")
     out = args.out or Path("results") / ("bench_end_to_end.json" if args.end_to_end else "bench_loader.json")
+    writable_folder(out.parent, "the output folder")  # now, not after minutes of benchmarking
 
     # The code and machine as they are at the start (a run takes minutes; a commit meanwhile is not it).
     env = environment(device, module="fastcifar.bench_loader", compile=args.compile, workers=args.workers,

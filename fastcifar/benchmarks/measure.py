@@ -21,12 +21,12 @@ Both compile caches (Inductor's, numba's) live in results/.cache/<machine>/, emp
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..reporting.schema import Fields, read_json
 from ..utils import ArgumentParser, UserError, child_env, plain_name, run_cli, write_json_atomic
 from .stages import StageRunner, check_budget, parse_stages
 
@@ -39,16 +39,20 @@ OUTPUT = {"warm-up": "cold-start.json", "spec": "spec/summary.json", "loader": "
 
 
 def commit_of(path: Path) -> str | None:
-    """The commit a results JSON (or a bench's summary: its runs) was measured at."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    """The commit a results JSON (or a bench's summary: its runs) was measured at; None when it does not
+    exist. A file that cannot be read is an error (schema.read_json), not a stage to redo silently."""
+    data = read_json(path)
     if path.name == "summary.json":
         runs = sorted((path.parent / "runs").glob("*.json"))
-        commits = {json.loads(r.read_text())["env"].get("git_commit") for r in runs}
+        commits = {commit_of(r) for r in runs}
         return commits.pop() if len(commits) == 1 else None
-    return (data.get("env") or {}).get("git_commit")
+    if data is None:
+        return None
+    env = data.get("env") if isinstance(data, dict) else None
+    commit = env.get("git_commit") if isinstance(env, dict) else None
+    if not isinstance(commit, str):
+        raise UserError(f"{path}: field 'env.git_commit' must be a commit, got {commit!r}")
+    return commit
 
 
 def probe(out: Path, device: str) -> None:
@@ -104,9 +108,9 @@ class Measurement:
         return None
 
     def estimate(self, name: str) -> float:
-        cold = self.folder / OUTPUT["warm-up"]
-        if name == "spec" and cold.is_file():
-            epoch = json.loads(cold.read_text())["epoch_time_s"]
+        cold = read_json(self.folder / OUTPUT["warm-up"])
+        if name == "spec" and cold is not None:
+            epoch = Fields(self.folder / OUTPUT["warm-up"], cold).seconds("epoch_time_s")
             return self.args.seeds * (10 * epoch + 120)
         return ESTIMATE_S[name]
 

@@ -47,9 +47,14 @@ def check_budget(budget_s: float) -> float:
     return budget_s
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+ENDING = {signal.SIGINT, signal.SIGTERM}  # held off while a child starts, so that none starts unwatched
+
+
+def _child_setup() -> None:  # runs in the child between fork and exec
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, ENDING)  # a blocked mask would survive exec
+    if sys.platform == "linux":
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _end_group(proc: subprocess.Popen) -> None:
@@ -146,10 +151,14 @@ class StageRunner:
 
     def _child(self, cmd: list[str], env: dict[str, str], log: Path, limit: float | None) -> int | str:
         with open(log, "w") as f, sigterm_as_interrupt():
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                    stdin=subprocess.DEVNULL, text=True, bufsize=1, errors="replace",
-                                    start_new_session=True,
-                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, ENDING)
+            try:
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                        stdin=subprocess.DEVNULL, text=True, bufsize=1, errors="replace",
+                                        start_new_session=True, preexec_fn=_child_setup)
+            except BaseException:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+                raise
             timed_out = threading.Event()
 
             def expire() -> None:
@@ -159,6 +168,7 @@ class StageRunner:
 
             timer = threading.Timer(limit, expire) if limit else None
             try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile lands here
                 if timer:
                     timer.start()
                 for line in proc.stdout:

@@ -10,7 +10,6 @@ nothing and exits 1 when a document differs from what the JSONs give (tests/test
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
@@ -18,7 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..utils import ArgumentParser, UserError, atomic_path, run_cli
-from .machines import isa_tag
+from . import schema
+from .columns import Machine, machines
 from .machines import machine_line as env_machine_line
 from .schema import DATA_PIPELINE, PIECES
 from .stats import describe
@@ -31,7 +31,6 @@ TARGETS = {
     "data_pipeline": ("<=", 3.0, "s"),  # its data pipeline
     "utilisation": (">=", 0.65, "%"),  # compute-only floor / attainable fp32 rate
 }
-ISA_NAMES = {"amx": "AVX-512 + AMX", "avx512": "AVX-512", "avx2": "AVX2", "sve": "SVE", "neon": "NEON", "sse": "SSE"}
 START, END = "<!-- rendered from docs/results/ by `make docs`: {} -->", "<!-- end of rendered: {} -->"
 
 
@@ -57,62 +56,10 @@ def target_verdict(name: str, ci: Sequence[float] | None) -> str:
     return verdict(ci, comparison, bound)
 
 
-def _load(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-class Machine:
-    """One folder of docs/results/: what `fastcifar.measure` wrote there (or an earlier layout of it)."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.name = folder, folder.name
-        self.runs = [r for r in (_load(p) for p in sorted((folder / "spec" / "runs").glob("*.json"))) if r]
-        self.loader = _load(folder / "bench_loader.json")
-        self.e2e = _load(folder / "bench_end_to_end.json")
-        self.startup = _load(folder / "bench_startup.json")
-        self.cold = _load(folder / "cold-start.json")
-        self.probe = _load(folder / "probe.json")
-        self.note = _load(folder / "machine.json") or {}
-        files = [*self.runs, self.loader, self.e2e, self.startup, self.cold, self.probe]
-        self.envs = [f["env"] for f in files if f and "env" in f]
-        if not self.envs:
-            raise UserError(f"{folder}: no results JSON with an env")
-
-    @property
-    def env(self) -> dict:
-        """The newest env that records the machine, else the first."""
-        return next((e for e in self.envs if "machine" in e), self.envs[0])
-
-    def commits(self) -> list[str]:
-        seen: list[str] = []
-        for env in self.envs:
-            commit = (env.get("git_commit") or "unknown")
-            short = commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
-            if short not in seen:
-                seen.append(short)
-        return seen
-
-    def date(self) -> str:
-        return max((e.get("date") or "" for e in self.envs), default="") or self.note.get("date", "")
-
-    def label(self) -> str:
-        mach = self.env.get("machine") or {}
-        model = mach.get("cpu_model") or self.note.get("cpu_model") or self.env.get("device_name")
-        isa = ISA_NAMES.get(isa_tag(mach["cpu_flags"]) if mach.get("cpu_flags") else self.note.get("isa"), "?")
-        cpus = mach.get("usable_cpus") or self.note.get("logical_cpus")
-        gpu = (self.env.get("gpu") or {}).get("name")
-        return (f"{gpu}, " if gpu else "") + f"{model}, {cpus} cores ({isa})"
-
-    def heading(self) -> str:
-        commits = self.commits()
-        return (f"{self.label()}<br>torch {self.env.get('torch')}, {self.date()}, "
-                f"commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}")
-
-
 def _pm(stats: dict, fmt: str, scale: float = 1.0) -> str:
+    """'mean ± sd'; one value alone is said to be one ('± 0' would claim a spread that was never measured)."""
+    if stats["n"] == 1:
+        return f"{format(scale * stats['mean'], fmt)} (1 run)"
     return f"{format(scale * stats['mean'], fmt)} ± {format(scale * stats['sd'], fmt)}"
 
 
@@ -191,9 +138,9 @@ def _cell_startup(key: str, name: str) -> Callable[[Machine], str]:
 
 
 def cell_cold(m: Machine) -> str:
-    cold = (m.cold or {}).get("startup_s") or ((m.startup or {}).get("cold") or {}).get("startup_s")
-    where = "a full-size 1-epoch run" if m.cold else "one step" if m.startup else ""
-    return f"{cold:.1f} s ({where})" if cold else "not measured"
+    """Start-up with empty compile caches, one step (bench_startup's cold run): one definition in every column."""
+    cold = ((m.startup or {}).get("cold") or {}).get("startup_s")
+    return f"{cold:.1f} s (one step)" if cold else "not measured"
 
 
 def cell_utilisation(m: Machine) -> str:
@@ -233,17 +180,51 @@ HEADLINE: list[tuple[str, Callable[[Machine], str]]] = [
 ]
 
 
-def machines(root: Path) -> list[Machine]:
-    """Every machine folder under root, newest first (then by name: a stable order)."""
-    found = [Machine(p) for p in sorted(root.iterdir()) if p.is_dir() and any(p.glob("*.json"))]
-    if not found:
-        raise UserError(f"no machine folders with results under {root}: run make results")
-    return sorted(found, key=lambda m: (m.date(), m.name), reverse=True)
-
-
 def headline(ms: list[Machine]) -> str:
     lines = ["| metric | " + " | ".join(m.heading() for m in ms) + " |", "|---|" + "---:|" * len(ms)]
     lines += [f"| {label} | " + " | ".join(cell(m) for m in ms) + " |" for label, cell in HEADLINE]
+    return "\n".join(lines)
+
+
+def _summary_cells(m: Machine) -> list[str]:
+    """The README's column: a few figures, each in a unit a newcomer reads without the docs."""
+    def mean(key: str) -> float | None:
+        stats = spec_stats(m, key)
+        return stats["mean"] if stats else None
+
+    total, epoch, test = mean("total_training_time_s"), mean("epoch_time_s"), mean("test_accuracy")
+    util = [r["utilisation"]["mean_epoch"] for r in m.runs if "utilisation" in r]
+    limit = [r["utilisation"]["attainable_gflops"] for r in m.runs if "utilisation" in r]
+    warm = startup_stats(m, "startup_s")
+    ratio = loader_ratio(m)
+    e2e = (m.e2e or {}).get("ffcv")
+    stages = ((schema.read_json(m.folder / "measure.json") or {}).get("stages") or {})
+    took = sum(s.get("seconds", 0) for s in stages.values() if isinstance(s, dict))
+    na = "not measured"
+    return [
+        f"{total / 60:.1f} min ({len(m.runs)} seeds)" if total else na,
+        f"{epoch:.1f} s" if epoch else na,
+        f"{100 * test:.1f} %" if test else na,
+        (f"{describe([u['gflops'] for u in util])['mean']:.0f} of {describe(limit)['mean']:.0f} GFLOP/s "
+         f"({100 * describe([u['utilisation'] for u in util])['mean']:.0f} %)") if util else na,
+        (f"{warm['mean']:.1f} s warm, {cell_cold(m)} cold" if warm else na).replace(" (one step) cold", " cold"),
+        f"{ratio[0]:.1f}× the DataLoader's images/s" if ratio else na,
+        f"{100 * e2e['overhead_vs_synthetic']:+.1f} % epoch time" if e2e else na,
+        f"{took / 60:.0f} min" if took else "– (measured before `make results`)",
+    ]
+
+
+SUMMARY = ["a spec run: 10 epochs, process start → last validation", "one epoch (45,000 images)",
+           "test accuracy (10,000 images)", "training speed: of the CPU's measured limit",
+           "start-up to the first step, `--compile`", "`ffcv` loader alone, vs PyTorch's DataLoader",
+           "`ffcv` in training, vs no loading at all (`synthetic`)", "`make results` took"]
+
+
+def summary(ms: list[Machine]) -> str:
+    """The README's table: every column's few figures (mean over the seeds or runs)."""
+    cells = [_summary_cells(m) for m in ms]
+    lines = ["| | " + " | ".join(m.heading() for m in ms) + " |", "|---|" + "---:|" * len(ms)]
+    lines += [f"| {label} | " + " | ".join(c[i] for c in cells) + " |" for i, label in enumerate(SUMMARY)]
     return "\n".join(lines)
 
 
@@ -329,7 +310,8 @@ def e2e_table(m: Machine) -> list[str]:
             continue
         memory = (f"{r['ratio_to_memory']:.3f}× ({_ci(r.get('ratio_to_memory_ci95'), '.3f')})"
                   if "ratio_to_memory" in r else "–")
-        out.append(f"| {name} | {r['seconds']:.2f} | {r['images_per_s']:,.0f} | {r['data_fraction']:.3f} | "
+        median = statistics.median(r["epoch_seconds"])  # of every round's epoch
+        out.append(f"| {name} | {median:.2f} | {r['train_images'] / median:,.0f} | {r['data_fraction']:.3f} | "
                    f"{100 * r['overhead_vs_synthetic']:+.1f} % "
                    f"({_ci(r.get('overhead_vs_synthetic_ci95'), '+.1f', 100)})"
                    f" | {memory} |")
@@ -371,7 +353,7 @@ def startup_before_after(ms: list[Machine]) -> str:
     (bench_startup.json), cold and the median of the warm runs, with each one's commit."""
     out: list[str] = []
     for m in ms:
-        before = _load(m.folder / "startup" / "before-compile.json")
+        before = schema.read_checked(m.folder / "startup" / "before-compile.json", schema.check_startup)
         if not (before and m.startup):
             continue
         cols = [("before", before), ("after", m.startup)]
@@ -392,16 +374,19 @@ def startup_before_after(ms: list[Machine]) -> str:
     return "\n".join(out).rstrip() or "No machine has a before/after pair yet."
 
 
-SECTIONS = {"README.md": {"headline": headline}, "docs/benchmarks.md": {"headline": headline, "details": details},
+SECTIONS = {"README.md": {"summary": summary}, "docs/benchmarks.md": {"headline": headline, "details": details},
             "docs/startup.md": {"before-after": startup_before_after}}
 
 
 def render_text(text: str, ms: list[Machine], sections: dict[str, Callable[[list[Machine]], str]], where: str) -> str:
-    """text with every marked section replaced by its rendering."""
+    """text with every marked section replaced by its rendering: each section's markers exactly once, in order
+    (a second, stale copy of a table would otherwise pass the check)."""
     for key, fn in sections.items():
         start, end = START.format(key), END.format(key)
-        if start not in text or end not in text:
-            raise UserError(f"{where}: the markers of section {key!r} are missing ({start} … {end})")
+        counts = (text.count(start), text.count(end))
+        if counts != (1, 1) or text.index(start) > text.index(end):
+            raise UserError(f"{where}: section {key!r} needs its start marker once, then its end marker once "
+                            f"(found {counts[0]} and {counts[1]}{', in reverse order' if counts == (1, 1) else ''})")
         head, rest = text.split(start, 1)
         _, tail = rest.split(end, 1)
         text = f"{head}{start}\n{fn(ms)}\n{end}{tail}"
@@ -409,21 +394,26 @@ def render_text(text: str, ms: list[Machine], sections: dict[str, Callable[[list
 
 
 def render(root: Path, results: Path, check: bool = False) -> list[Path]:
-    """Re-render the documents under root from results/; returns those that changed (check: would change)."""
+    """Re-render the documents under root from results/; returns those that changed (check: would change).
+    All or none: every document is rendered before any is written."""
     ms = machines(results)
-    changed = []
+    changed: dict[Path, str] = {}
     for name, sections in SECTIONS.items():
         path = root / name
-        if not path.is_file():
-            raise UserError(f"{path} not found: run from a checkout (or pass --root)")
-        old = path.read_text()
+        try:
+            old = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise UserError(f"{path} not found: run from a checkout (or pass --root)") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not UTF-8 text") from None
         new = render_text(old, ms, sections, str(path))
         if new != old:
-            changed.append(path)
-            if not check:
-                with atomic_path(path) as tmp:
-                    tmp.write_text(new)
-    return changed
+            changed[path] = new
+    if not check:
+        for path, new in changed.items():
+            with atomic_path(path) as tmp:
+                tmp.write_text(new, encoding="utf-8")
+    return list(changed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

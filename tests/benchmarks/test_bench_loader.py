@@ -76,3 +76,21 @@ def test_rounds_rotate_and_pair():
     out = paired([11.0, 5.5, 11.0], [10.0, 5.0, 10.0], "x", -1)
     assert out["x"] == pytest.approx(0.1) and out["x_per_round"] == pytest.approx([0.1] * 3)
     assert out["x_ci95"] == pytest.approx([0.1, 0.1]) and paired([2.0], [1.0], "y")["y_ci95"] is None
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--end-to-end", "--max-steps", "0"], "--max-steps"),
+    (["--out", "/dev/null/bench.json"], "cannot write to the output folder /dev/null"),
+])
+def test_bad_flags_and_outputs_are_refused_before_the_work(small_data, flags, message):
+    result = bench("--data-dir", str(small_data), "--device", "cpu", "--no-compile", *flags)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_missing_output_folder_is_made(small_data, tmp_path):
+    out = tmp_path / "new" / "folder" / "bench.json"
+    result = bench("--data-dir", str(small_data), "--device", "cpu", "--epochs", "1", "--no-compile",
+                   "--loaders", "memory", "--compute-steps", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(out.read_text())["memory"]["images_per_s"] > 0

@@ -3,6 +3,7 @@ redoing what this commit already measured."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -93,3 +94,30 @@ def test_the_spec_stage_is_done_only_with_every_asked_seed_at_this_commit(tmp_pa
     assert not done(3)  # seed 2 is another commit's: measured again
     (runs / "ffcv-seed2.json").write_text(json.dumps({"env": {"git_commit": "this"}}))
     assert done(3) and not done(5)  # more seeds asked: the stage runs the missing ones
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--stages", ""], "unknown stage(s) (empty)"), (["--stages", "probe,"], "unknown stage(s) (empty)"),
+    (["--budget-s", "nan"], "--budget-s must be"), (["--budget-s", "inf"], "--budget-s must be"),
+    (["--machine", "../escape"], "--machine must be a plain file name"),
+])
+def test_bad_flags_are_refused_before_anything_is_written(small_data, tmp_path, flags, message):
+    with pytest.raises(UserError) as err:
+        measure.main(["--data-dir", str(small_data), "--out", str(tmp_path / "out"), *flags])
+    assert message in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_results_file_is_named_not_a_traceback(tmp_path):
+    (tmp_path / "cold-start.json").write_text('{"epoch_time_s": 8')  # truncated
+    m = measure.Measurement(argparse.Namespace(seeds=3, budget_s=0), tmp_path, "this", tmp_path)
+    with pytest.raises(UserError, match=r"cold-start.json: not valid JSON"):
+        m.estimate("spec")
+    (tmp_path / "cold-start.json").write_text('{"epoch_time_s": "fast"}')
+    with pytest.raises(UserError, match=r"cold-start.json: field 'epoch_time_s' must be a number"):
+        m.estimate("spec")
+    runs = tmp_path / "spec" / "runs"
+    runs.mkdir(parents=True)
+    (runs / "ffcv-seed0.json").write_bytes(b"\xff")
+    with pytest.raises(UserError, match="ffcv-seed0.json: not UTF-8"):
+        measure.stale_runs(runs, "this")

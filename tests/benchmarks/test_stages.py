@@ -30,8 +30,10 @@ def test_an_interrupted_command_leaves_no_stage_running(small_data, tmp_path, co
     flag = tmp_path / "child"
     env = {**os.environ, "FASTCIFAR_TEST_HANG": str(flag),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(HANG), os.environ.get("PYTHONPATH")]))}
+    # SIGINT's default action restored: a shell's background job starts with it ignored, and so would the parent
     parent = subprocess.Popen(commands(small_data, tmp_path / "out")[command], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not (announced := list(tmp_path.glob("child.[0-9]*"))):
