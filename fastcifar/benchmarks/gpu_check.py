@@ -11,6 +11,8 @@ Stages, in order of value, each a separate process with its own log under OUT/lo
   spec             python -m fastcifar.train --compile (the full spec run, 10 epochs)
   cuda-tests       the CUDA test lane: python -m pytest -m cuda (skipped with the reason without pytest,
                    or outside a checkout)
+  step-breakdown   fastcifar.step_breakdown: where a compiled step's time goes (the CUDA kernels'
+                   categories), its own limit, and the compute-only floor
   bench-loader     fastcifar.bench_loader: images/s of each pipeline on the device, and its headroom
   bench-end-to-end fastcifar.bench_loader --end-to-end --repeats 5: each pipeline's training epoch,
                    paired by round with synthetic's (the overhead and its 95 % interval)
@@ -49,12 +51,12 @@ VARIANTS = {  # name -> extra trainer flags; every variant is the spec run with 
     "tf32": ["--tf32"],
     "max-autotune": ["--compile-mode", "max-autotune"],
 }
-STAGES = ["spec", "cuda-tests", "bench-loader", "bench-end-to-end", "reduce-overhead", "tf32", "max-autotune",
-          "profile", "timer-overhead"]
+STAGES = ["spec", "cuda-tests", "step-breakdown", "bench-loader", "bench-end-to-end", "reduce-overhead", "tf32",
+          "max-autotune", "profile", "timer-overhead"]
 # Seconds a stage is expected to take on a GPU machine, before anything is measured; the variants'
 # estimates are replaced by the spec stage's measured time (x2 for max-autotune's longer compile).
-ESTIMATE_S = {"spec": 150, "cuda-tests": 120, "bench-loader": 60, "bench-end-to-end": 120, "profile": 45,
-              "timer-overhead": 30}
+ESTIMATE_S = {"spec": 150, "cuda-tests": 120, "step-breakdown": 90, "bench-loader": 60, "bench-end-to-end": 120,
+              "profile": 45, "timer-overhead": 30}
 VARIANT_FACTOR = {"reduce-overhead": 1.0, "tf32": 1.0, "max-autotune": 2.0}
 BUDGET_S = 480  # 8 minutes: the whole command, imports and compilation included
 # Smoke: batches of 25 so that train (450), val (50) and test (capped at 3 batches) each yield one
@@ -267,6 +269,12 @@ def write_summary(out: Path, stages: dict, smoke: bool, device: str, synthetic: 
                   f"{v.get('ratio_to_memory', float('nan')):.3f}x |"
                   for k, v in e2e.items() if isinstance(v, dict) and "seconds" in v]
         lines.append("")
+    breakdown = _load(out / "step_breakdown.json")
+    if breakdown:
+        from .step_breakdown import summary as breakdown_summary
+
+        lines += ["## Where a compiled step goes (fastcifar.step_breakdown)", "", "```",
+                  breakdown_summary(breakdown), "```", ""]
     overhead = _load(out / "timer_overhead.json")
     if overhead:
         lines += [f"Step timer (CUDA events): {overhead['step_ms_with']:.3f} ms per step with it, "
@@ -292,6 +300,10 @@ def stage_commands(name: str, args: argparse.Namespace, data_dir: Path, device: 
              "--out", str(out / "runs")]
     if name in VARIANTS:
         return [*train, *VARIANTS[name], "--run-name", name, *(SMOKE_TRAIN if smoke else [])]
+    if name == "step-breakdown":
+        return [py, "-m", "fastcifar.step_breakdown", "--device", device, "--out", str(out / "step_breakdown.json"),
+                *(["--batch-size", "8", "--rounds", "2", "--steps", "1", "--profile-steps", "1", "--calls", "1",
+                   "--distinct-batches", "2"] if smoke else [])]
     if name == "bench-loader":
         return [py, "-m", "fastcifar.bench_loader", "--data-dir", str(data_dir), "--device", device,
                 "--out", str(out / "bench_loader.json"),

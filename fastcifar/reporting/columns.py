@@ -24,8 +24,9 @@ class Machine:
         self.startup = schema.read_checked(folder / "bench_startup.json", schema.check_startup)
         self.cold = schema.read_checked(folder / "cold-start.json", schema.check_run)
         self.probe = schema.read_checked(folder / "probe.json", schema.check_probe)
+        self.breakdown = schema.read_checked(folder / "step_breakdown.json", schema.check_breakdown)
         self.note = schema.read_checked(folder / "machine.json", schema.check_machine_note) or {}
-        files = [*self.runs, self.loader, self.e2e, self.startup, self.cold, self.probe]
+        files = [*self.runs, self.loader, self.e2e, self.startup, self.cold, self.probe, self.breakdown]
         self.envs = [f["env"] for f in files if f and "env" in f]
         if not self.envs:
             raise UserError(f"{folder}: no results JSON with an env")
@@ -54,6 +55,11 @@ class Machine:
             if told and told != seeds:
                 raise UserError(f"{where}: holds seeds {', '.join(map(str, seeds))}, its summary.json aggregated "
                                 f"{', '.join(map(str, told))}")
+
+    def rate(self) -> float | None:
+        """The column's one attainable fp32 rate (GFLOP/s): its own probe, measured once by `make results`
+        (probe.json); every utilisation of the column divides by it. None before the probe existed."""
+        return self.probe["attainable_fp32"]["gflops"] if self.probe else None
 
     @property
     def env(self) -> dict:

@@ -11,7 +11,6 @@ nothing and exits 1 when a document differs from what the JSONs give (tests/test
 from __future__ import annotations
 
 import math
-import statistics
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,9 +18,8 @@ from pathlib import Path
 from ..utils import ArgumentParser, UserError, atomic_path, run_cli
 from . import schema
 from .columns import Machine, machines
-from .machines import machine_line as env_machine_line
-from .schema import DATA_PIPELINE, PIECES
 from .stats import describe
+from .tables import ci95, details, pm, spec_stats, startup_before_after, startup_stats
 
 # name -> (comparison, bound, unit): the targets docs/benchmarks.md defines; labels and verdicts derive from them.
 TARGETS = {
@@ -30,6 +28,7 @@ TARGETS = {
     "startup": ("<=", 10.0, "s"),  # start-up with `--compile`, warm
     "data_pipeline": ("<=", 3.0, "s"),  # its data pipeline
     "utilisation": (">=", 0.65, "%"),  # compute-only floor / attainable fp32 rate
+    "step_limit": ("<=", 1.25, "×"),  # the compute-only step / its own limit (step_breakdown)
 }
 START, END = "<!-- rendered from docs/results/ by `make docs`: {} -->", "<!-- end of rendered: {} -->"
 
@@ -56,24 +55,6 @@ def target_verdict(name: str, ci: Sequence[float] | None) -> str:
     return verdict(ci, comparison, bound)
 
 
-def _pm(stats: dict, fmt: str, scale: float = 1.0) -> str:
-    """'mean ± sd'; one value alone is said to be one ('± 0' would claim a spread that was never measured)."""
-    if stats["n"] == 1:
-        return f"{format(scale * stats['mean'], fmt)} (1 run)"
-    return f"{format(scale * stats['mean'], fmt)} ± {format(scale * stats['sd'], fmt)}"
-
-
-def _ci(ci: Sequence[float] | None, fmt: str, scale: float = 1.0, unit: str = "") -> str:
-    if not ci or any(math.isnan(v) for v in ci):
-        return "–"
-    return f"{format(scale * ci[0], fmt)} … {format(scale * ci[1], fmt)}{unit}"
-
-
-def spec_stats(m: Machine, key: str) -> dict | None:
-    values = [r[key] for r in m.runs if key in r]
-    return describe(values) if values else None
-
-
 def _spec_cell(key: str, fmt: str, unit: str, scale: float = 1.0) -> Callable[[Machine], str]:
     def cell(m: Machine) -> str:
         stats = spec_stats(m, key)
@@ -81,7 +62,7 @@ def _spec_cell(key: str, fmt: str, unit: str, scale: float = 1.0) -> Callable[[M
             return "not measured"
         cold = sum(1 for r in m.runs if (r.get("startup") or {}).get("compile_cache_warm") is False)
         note = f" ({cold} of {len(m.runs)} runs with a cold compile cache)" if cold and key.startswith("total") else ""
-        return f"{_pm(stats, fmt, scale)}{unit}{note}"
+        return f"{pm(stats, fmt, scale)}{unit}{note}"
     return cell
 
 
@@ -107,7 +88,7 @@ def cell_loader(m: Machine) -> str:
         return "not measured"
     ratio, ci = got
     return (f"{m.loader['ffcv']['images_per_s']:,.0f} images/s, {ratio:.2f}× `torch` "
-            f"({_ci(ci, '.2f', unit='×')}): {target_verdict('loader', ci)}")
+            f"({ci95(ci, '.2f', unit='×')}): {target_verdict('loader', ci)}")
 
 
 def cell_e2e(m: Machine) -> str:
@@ -115,14 +96,8 @@ def cell_e2e(m: Machine) -> str:
         return "not measured"
     r, rounds = m.e2e["ffcv"], m.e2e["ffcv"].get("epochs_timed")
     ci = r.get("overhead_vs_synthetic_ci95")
-    return (f"{100 * r['overhead_vs_synthetic']:+.1f} % ({_ci(ci, '+.1f', 100, ' %')}; {rounds} rounds of "
+    return (f"{100 * r['overhead_vs_synthetic']:+.1f} % ({ci95(ci, '+.1f', 100, ' %')}; {rounds} rounds of "
             f"{r['train_images'] // 128 + bool(r['train_images'] % 128)} steps): {target_verdict('end_to_end', ci)}")
-
-
-def startup_stats(m: Machine, key: str) -> dict | None:
-    if not m.startup:
-        return None
-    return describe([_piece(run, key) for run in m.startup["warm"]])
 
 
 def _cell_startup(key: str, name: str) -> Callable[[Machine], str]:
@@ -131,8 +106,8 @@ def _cell_startup(key: str, name: str) -> Callable[[Machine], str]:
         if stats is None:
             return "not measured"
         spec = spec_stats(m, "startup_s") if key == "startup_s" else None
-        own = f"; the spec runs' own, which also compile the last partial batch: {_pm(spec, '.1f')} s" if spec else ""
-        return (f"{_pm(stats, '.2f')} s ({_ci(stats['ci95'], '.2f', unit=' s')}, {stats['n']} warm runs of one step"
+        own = f"; the spec runs' own, which also compile the last partial batch: {pm(spec, '.1f')} s" if spec else ""
+        return (f"{pm(stats, '.2f')} s ({ci95(stats['ci95'], '.2f', unit=' s')}, {stats['n']} warm runs of one step"
                 f"{own}): {target_verdict(name, stats['ci95'] if stats['n'] > 1 else None)}")
     return cell
 
@@ -144,21 +119,52 @@ def cell_cold(m: Machine) -> str:
 
 
 def cell_utilisation(m: Machine) -> str:
-    compute = (m.loader or {}).get("compute_only") or {}
-    if "utilisation" not in compute:
+    """The compute-only floor (step_breakdown, its own process; before it existed, bench_loader's) over the
+    column's one rate."""
+    rate = m.rate()
+    if m.breakdown:
+        floor = m.breakdown["floor"]
+        per_image = m.breakdown["flops"]["train_step"] / m.breakdown["batch"]
+        images, ci = floor["images_per_s"], floor.get("images_per_s_ci95")
+    else:
+        floor = (m.loader or {}).get("compute_only") or {}
+        per_image = (m.loader or {}).get("flops_per_image")
+        images, ci = floor.get("images_per_s"), floor.get("images_per_s_ci95")
+    if not (rate and images and per_image):
         return "not measured (no probe at that commit)"
-    probe = m.loader["env"]["attainable_fp32"]
-    ci = compute.get("utilisation_ci95")
-    return (f"{100 * compute['utilisation']:.1f} % ({_ci(ci, '.1f', 100, ' %')}) of {probe['gflops']:.0f} GFLOP/s, "
-            f"{compute['images_per_s']:.0f} images/s: {target_verdict('utilisation', ci)}")
+    util_ci = [v * per_image / 1e9 / rate for v in ci] if ci else None
+    return (f"{100 * images * per_image / 1e9 / rate:.1f} % ({ci95(util_ci, '.1f', 100, ' %')}) of "
+            f"{rate:.0f} GFLOP/s, {images:.0f} images/s: {target_verdict('utilisation', util_ci)}")
 
 
 def cell_epoch_utilisation(m: Machine) -> str:
-    values = [r["utilisation"]["mean_epoch"]["utilisation"] for r in m.runs if "utilisation" in r]
-    if not values:
+    rate = m.rate()
+    gflops = [r["utilisation"]["mean_epoch"]["gflops"] for r in m.runs if "utilisation" in r]
+    if not (gflops and rate):
         return "not measured"
-    gflops = describe([r["utilisation"]["mean_epoch"]["gflops"] for r in m.runs if "utilisation" in r])
-    return f"{_pm(describe(values), '.1f', 100)} % ({gflops['mean']:.0f} GFLOP/s)"
+    return f"{pm(describe([g / rate for g in gflops]), '.1f', 100)} % ({describe(gflops)['mean']:.0f} GFLOP/s)"
+
+
+def cell_floor_vs_training(m: Machine) -> str:
+    """Training never beats its floor: the spec's training rate against the floor's interval."""
+    floor = (m.breakdown or {}).get("floor") or {}
+    spec = spec_stats(m, "epoch_time_s")
+    if not (floor.get("images_per_s_ci95") and spec):
+        return "not measured"
+    train = 45_000 / spec["mean"]
+    high = floor["images_per_s_ci95"][1]
+    return (f"training {train:.0f} images/s, floor {floor['images_per_s']:.0f} "
+            f"({ci95(floor['images_per_s_ci95'], '.0f')}): "
+            + ("below the floor's upper bound" if train <= high else "**training beats its floor**"))
+
+
+def cell_step_limit(m: Machine) -> str:
+    if not m.breakdown:
+        return "not measured"
+    floor, limit = m.breakdown["floor"], m.breakdown["limit"]
+    ci = [v / limit["step_ms"] for v in floor["step_ms_ci95"]] if floor.get("step_ms_ci95") else None
+    return (f"{floor['step_ms']:.0f} ms = {floor['step_ms'] / limit['step_ms']:.2f}× its limit of "
+            f"{limit['step_ms']:.0f} ms ({ci95(ci, '.2f', unit='×')}): {target_verdict('step_limit', ci)}")
 
 
 HEADLINE: list[tuple[str, Callable[[Machine], str]]] = [
@@ -172,6 +178,8 @@ HEADLINE: list[tuple[str, Callable[[Machine], str]]] = [
     ("test accuracy (10,000)", _spec_cell("test_accuracy", ".2f", " %", 100)),
     (f"utilisation: compute-only floor ({target('utilisation')})", cell_utilisation),
     ("utilisation: the spec's mean epoch", cell_epoch_utilisation),
+    ("the spec's training rate against the compute-only floor", cell_floor_vs_training),
+    (f"compute-only step against its own limit ({target('step_limit')})", cell_step_limit),
     (f"start-up, `--compile`, compile caches warm ({target('startup')})", _cell_startup("startup_s", "startup")),
     (f"… of which the data pipeline ({target('data_pipeline')})", _cell_startup("data_pipeline_s", "data_pipeline")),
     ("start-up, `--compile`, caches cold", cell_cold),
@@ -193,8 +201,8 @@ def _summary_cells(m: Machine) -> list[str]:
         return stats["mean"] if stats else None
 
     total, epoch, test = mean("total_training_time_s"), mean("epoch_time_s"), mean("test_accuracy")
-    util = [r["utilisation"]["mean_epoch"] for r in m.runs if "utilisation" in r]
-    limit = [r["utilisation"]["attainable_gflops"] for r in m.runs if "utilisation" in r]
+    gflops = [r["utilisation"]["mean_epoch"]["gflops"] for r in m.runs if "utilisation" in r]
+    rate = m.rate()
     warm = startup_stats(m, "startup_s")
     ratio = loader_ratio(m)
     e2e = (m.e2e or {}).get("ffcv")
@@ -205,8 +213,8 @@ def _summary_cells(m: Machine) -> list[str]:
         f"{total / 60:.1f} min ({len(m.runs)} seeds)" if total else na,
         f"{epoch:.1f} s" if epoch else na,
         f"{100 * test:.1f} %" if test else na,
-        (f"{describe([u['gflops'] for u in util])['mean']:.0f} of {describe(limit)['mean']:.0f} GFLOP/s "
-         f"({100 * describe([u['utilisation'] for u in util])['mean']:.0f} %)") if util else na,
+        (f"{describe(gflops)['mean']:.0f} of {rate:.0f} GFLOP/s ({100 * describe(gflops)['mean'] / rate:.0f} %)"
+         if gflops and rate else na),
         (f"{warm['mean']:.1f} s warm, {cell_cold(m)} cold" if warm else na).replace(" (one step) cold", " cold"),
         f"{ratio[0]:.1f}× the DataLoader's images/s" if ratio else na,
         f"{100 * e2e['overhead_vs_synthetic']:+.1f} % epoch time" if e2e else na,
@@ -226,152 +234,6 @@ def summary(ms: list[Machine]) -> str:
     lines = ["| | " + " | ".join(m.heading() for m in ms) + " |", "|---|" + "---:|" * len(ms)]
     lines += [f"| {label} | " + " | ".join(c[i] for c in cells) + " |" for i, label in enumerate(SUMMARY)]
     return "\n".join(lines)
-
-
-def machine_line(m: Machine) -> str:
-    note = m.note.get("note", "no record")
-    return env_machine_line(m.env) or f"{m.label()}, {m.note.get('memory_gib', '?')} GiB ({note})"
-
-
-def spec_table(m: Machine) -> list[str]:
-    if not m.runs:
-        return []
-    rows = [("total training time (s)", "total_training_time_s", ".1f", 1),
-            ("mean epoch time (s)", "epoch_time_s", ".1f", 1),
-            ("inference per batch, forward alone (ms)", "inference_time_per_batch_ms", ".1f", 1),
-            ("inference per batch, forward + wait for data (ms)", "inference_time_per_batch_incl_data_ms", ".1f", 1),
-            ("last-epoch train loss", "last_epoch_train_loss", ".4f", 1),
-            ("validation accuracy (%)", "val_accuracy", ".2f", 100),
-            ("test accuracy (%)", "test_accuracy", ".2f", 100), ("data fraction", "data_fraction", ".4f", 1),
-            ("start-up (s)", "startup_s", ".1f", 1), ("compile warm-up, all graphs (s)", "warm_up_s", ".1f", 1)]
-    runs = sorted(m.runs, key=lambda r: r["config"]["seed"])
-    out = [f"The spec, {len(runs)} seeds (`python -m fastcifar.bench --seeds {len(runs)} --name spec --compile "
-           f"--export wat`; [results/{m.name}/spec/](results/{m.name}/spec/)):", "",
-           f"| metric | mean ± sd | 95 % CI | per seed ({', '.join(str(r['config']['seed']) for r in runs)}) |",
-           "|---|---:|---:|---:|"]
-    for label, key, fmt, scale in rows:
-        if not all(key in r for r in runs):
-            continue
-        stats = describe([r[key] for r in runs])
-        out.append(f"| {label} | {_pm(stats, fmt, scale)} | {_ci(stats['ci95'], fmt, scale)} | "
-                   + " / ".join(format(scale * r[key], fmt) for r in runs) + " |")
-    ops = [r.get("device_op") for r in runs]
-    if any(ops):
-        out += ["", "Device op kept per seed: " + "; ".join(_op_text(op) for op in ops if op) + "."]
-    return out + [""]
-
-
-def _op_text(op: dict) -> str:
-    times = ", ".join(f"{k[:-3]} {v:.2f} ms" for k, v in op.items() if k.endswith("_ms"))
-    return f"{op['op']} ({times})"
-
-
-def loader_table(m: Machine) -> list[str]:
-    if not m.loader:
-        return []
-    rows = {k: v for k, v in m.loader.items() if isinstance(v, dict) and "images_per_s" in v and k != "compute_only"}
-    base = rows.get("torch", {}).get("images_per_s")
-    out = [f"Loaders, isolated (`python -m fastcifar.bench_loader`; [results/{m.name}/bench_loader.json]"
-           f"(results/{m.name}/bench_loader.json)):", "",
-           "| pipeline | images/s | vs `torch` | s / epoch (45,000) | headroom | device op kept |",
-           "|---|---:|---:|---:|---:|---|"]
-    for name, r in rows.items():
-        op = r.get("device_op")
-        out.append(f"| {name} | {r['images_per_s']:,.0f} | {r['images_per_s'] / base:.2f}× | "
-                   f"{r['seconds_per_epoch']:.2f} | "
-                   f"{r.get('headroom', float('nan')):.0f}× | {_op_text(op) if op else '–'} |" if base else
-                   f"| {name} | {r['images_per_s']:,.0f} | – | {r['seconds_per_epoch']:.2f} | – | – |")
-    compute = m.loader.get("compute_only") or {}
-    if compute:
-        out += ["", f"Compute-only floor: {compute['images_per_s']:.0f} images/s"
-                    + (f" ({_ci(compute.get('images_per_s_ci95'), '.0f')}), {compute['gflops']:.1f} GFLOP/s = "
-                       f"{100 * compute['utilisation']:.1f} % of the attainable fp32 rate "
-                       f"({_probe_text(m.loader['env']['attainable_fp32'])})" if "utilisation" in compute else "")
-                + f"; {compute['steps']} steps x {compute.get('rounds', 1)} round(s)."]
-    return out + [""]
-
-
-def _probe_text(probe: dict) -> str:
-    """'449 GFLOP/s, the conv probe (matmul 176, conv 449 GFLOP/s): <method>'."""
-    return (f"{probe['gflops']:.0f} GFLOP/s, the {probe['kernel']} probe; matmul {probe['matmul']['gflops']:.0f}, "
-            f"conv {probe['conv']['gflops']:.0f} GFLOP/s: {probe['method']}")
-
-
-def e2e_table(m: Machine) -> list[str]:
-    if not m.e2e:
-        return []
-    out = [f"Loaders, end to end (`python -m fastcifar.bench_loader --end-to-end`; "
-           f"[results/{m.name}/bench_end_to_end.json]"
-           f"(results/{m.name}/bench_end_to_end.json)):", "",
-           "| pipeline | median epoch s | images/s | data fraction | vs synthetic (95 % CI) | vs memory (95 % CI) |",
-           "|---|---:|---:|---:|---:|---:|"]
-    for name, r in m.e2e.items():
-        if not (isinstance(r, dict) and "seconds" in r):
-            continue
-        memory = (f"{r['ratio_to_memory']:.3f}× ({_ci(r.get('ratio_to_memory_ci95'), '.3f')})"
-                  if "ratio_to_memory" in r else "–")
-        median = statistics.median(r["epoch_seconds"])  # of every round's epoch
-        out.append(f"| {name} | {median:.2f} | {r['train_images'] / median:,.0f} | {r['data_fraction']:.3f} | "
-                   f"{100 * r['overhead_vs_synthetic']:+.1f} % "
-                   f"({_ci(r.get('overhead_vs_synthetic_ci95'), '+.1f', 100)})"
-                   f" | {memory} |")
-    return out + [""]
-
-
-def startup_table(m: Machine) -> list[str]:
-    if not m.startup:
-        return []
-    warm, cold = m.startup["warm"], m.startup["cold"]
-    out = [f"Start-up (`python -m fastcifar.bench_startup -- {' '.join(m.startup['env'].get('trainer') or [])}`; "
-           f"[results/{m.name}/bench_startup.json](results/{m.name}/bench_startup.json)): one step, seconds", "",
-           f"| piece | cold | warm, median of {len(warm)} |", "|---|---:|---:|"]
-    out += [f"| {k} | {cold[k]:.2f} | {statistics.median(run[k] for run in warm):.2f} |" for k in PIECES if k in cold]
-    return out + [""]
-
-
-def details(ms: list[Machine]) -> str:
-    out: list[str] = []
-    for m in ms:
-        commits = m.commits()
-        out += [f"### {m.label()} (`{m.name}`)", "",
-                f"{machine_line(m)}. Measured {m.date()} at commit{'s' if len(commits) > 1 else ''} "
-                f"{', '.join(commits)}.",
-                ""]
-        out += spec_table(m) + loader_table(m) + e2e_table(m) + startup_table(m)
-    return "\n".join(out).rstrip()
-
-
-def _piece(run: dict, key: str) -> float | None:
-    """A start-up piece of one run; the data pipeline derived from its three pieces where a file predates it."""
-    if key in run:
-        return run[key]
-    return sum(run[k] for k in DATA_PIPELINE) if key == "data_pipeline_s" else None
-
-
-def startup_before_after(ms: list[Machine]) -> str:
-    """Per machine with both: start-up before a change (startup/before-compile.json) and after it
-    (bench_startup.json), cold and the median of the warm runs, with each one's commit."""
-    out: list[str] = []
-    for m in ms:
-        before = schema.read_checked(m.folder / "startup" / "before-compile.json", schema.check_startup)
-        if not (before and m.startup):
-            continue
-        cols = [("before", before), ("after", m.startup)]
-        commits = [(b["env"].get("git_commit") or "?")[:7] for _, b in cols]
-        out += [f"`{m.name}` ({m.label()}): `bench_startup -- --compile`, one step; before at {commits[0]}, after at "
-                f"{commits[1]} ([before](results/{m.name}/startup/before-compile.json), "
-                f"[after](results/{m.name}/bench_startup.json)).", "",
-                f"| piece (s) | before, cold | before, warm median of {len(before['warm'])} | after, cold | "
-                f"after, warm median of {len(m.startup['warm'])} |", "|---|---:|---:|---:|---:|"]
-        for k in [*PIECES, "data_pipeline_s"]:
-            cells = []
-            for _, b in cols:
-                cold, warm = _piece(b["cold"], k), [v for v in (_piece(r, k) for r in b["warm"]) if v is not None]
-                cells += [f"{cold:.2f}" if cold is not None else "—",
-                          f"{statistics.median(warm):.2f}" if warm else "—"]
-            out.append(f"| `{k}` | " + " | ".join(cells) + " |")
-        out.append("")
-    return "\n".join(out).rstrip() or "No machine has a before/after pair yet."
 
 
 SECTIONS = {"README.md": {"summary": summary}, "docs/benchmarks.md": {"headline": headline, "details": details},

@@ -233,6 +233,27 @@ def check_probe(path: Path, data: object) -> dict:
     return data
 
 
+def check_breakdown(path: Path, data: object) -> dict:
+    """`step_breakdown`: the floor's rounds, the profiled step's categories, the step's limit."""
+    f = Fields(path, data)
+    f.env()
+    f.seconds("floor.step_ms")
+    f.numbers("floor.step_ms_per_round")
+    f.positive("floor.images_per_s")
+    f.interval("floor.images_per_s_ci95")
+    f.positive("floor.gflops")
+    f.seconds("profiled.step_ms")
+    cats = f.mapping("profiled.categories")
+    for name in cats:
+        f.seconds(f"profiled.categories.{name}.ms")
+    for key in ("convolutions_ms", "elementwise_ms", "optimizer_ms", "step_ms"):
+        f.seconds(f"limit.{key}")
+    f.positive("limit.efficiency")
+    f.positive("limit.bandwidth.gbs")
+    f.positive("attainable_fp32.gflops")
+    return data
+
+
 def check_machine_note(path: Path, data: object) -> dict:
     """machine.json: the hand-kept description of a machine whose JSONs predate `env.machine`."""
     f = Fields(path, data)

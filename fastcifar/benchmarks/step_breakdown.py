@@ -1,0 +1,379 @@
+"""Where every millisecond of a training step goes, against the step's own limit:
+`python -m fastcifar.step_breakdown` (a stage of `make results` and `make gpu-check`).
+
+The step is the spec's: ResNetV2-20, channels-last, torch.compile, cross-entropy, AdamW, batch 128,
+its inputs cycling through distinct pre-made batches (no loading, no augmentation) — the compute-only
+floor. Measured in its own process, before anything else has run in it:
+1. the floor: rounds of steps, each round timed with the device synchronised at both ends;
+2. one profile of a few steps with torch.profiler, Inductor's kernels made visible (on a CPU by
+   `torch._inductor.config.cpp.enable_kernel_profile`, which wraps each generated C++ kernel in a
+   profiler range; that build of the step is timed unprofiled too, to say what it costs), every event
+   attributed by its own name and the compiled graph it runs in (forward / backward): convolutions,
+   the compiled element-wise kernels, the optimizer, the other ATen ops, and the time inside a step
+   that no op covers (Python, dispatch). Nothing is a remainder: the categories are the trace's;
+3. the step's limit from its own parts: every distinct convolution alone (forward and exactly the
+   backward kernels the step runs: the stem computes no input gradient), the element-wise kernels'
+   bytes at the machine's measured memory bandwidth, and the optimizer step alone.
+Writes a JSON, a PNG (readable without TensorBoard, whose Overview needs the internet) and the
+trace (TensorBoard's profiler plugin and Perfetto open it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..devices import resolve_device, synchronize
+from ..env import environment, set_cudnn, set_float32_precision
+from ..model import resnetv2_20
+from ..reporting.stats import describe
+from ..train import adamw
+from ..utils import ArgumentParser, UserError, run_cli, writable_folder, write_json_atomic
+
+CATEGORIES = ["convolution forward", "convolution backward", "element-wise, compiled (forward)",
+              "element-wise, compiled (backward)", "optimizer", "other ATen ops", "outside any op"]
+STEP_RANGE = "fastcifar_step"
+
+
+def make_batches(n: int, batch: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` distinct batches (seeded), made before timing: what the model reads is fresh each step, as a
+    real loader's batches are (one fixed batch would stay in the caches)."""
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch, 3, 32, 32, generator=gen).to(device).contiguous(memory_format=torch.channels_last),
+             torch.randint(0, 10, (batch,), generator=gen).to(device)) for _ in range(n)]
+
+
+def spec_step(device: torch.device, compile_model: bool) -> tuple[nn.Module, torch.optim.Optimizer, Callable]:
+    torch.manual_seed(0)
+    model = resnetv2_20().to(device=device, memory_format=torch.channels_last)
+    optimizer, _ = adamw(model.parameters(), device, lr=1e-3, weight_decay=1e-4)  # the trainer's
+    net = torch.compile(model) if compile_model else model
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        loss = nn.functional.cross_entropy(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return model, optimizer, step
+
+
+def time_rounds(step: Callable, batches: list, device: torch.device, rounds: int, steps: int) -> list[float]:
+    """Milliseconds per step of each round (`steps` steps, synchronised at both ends), after one warm round."""
+    out = []
+    for r in range(rounds + 1):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            step(*batches[(r * steps + i) % len(batches)])
+        synchronize(device)
+        if r:
+            out.append(1e3 * (time.perf_counter() - t0) / steps)
+    return out
+
+
+def _ancestors(event) -> list[str]:
+    names = []
+    while event is not None:
+        names.append(event.name)
+        event = event.cpu_parent
+    return names
+
+
+def categorize(events, steps: int, device: torch.device) -> dict[str, float]:
+    """Milliseconds per step per category, from the events inside the marked steps (on CUDA: the kernels'
+    device time; on a CPU: every op's own time on the thread that ran it, which sums to the steps)."""
+    totals: dict[str, float] = defaultdict(float)
+    cuda = device.type == "cuda"
+    for e in events:
+        chain = _ancestors(e)
+        if STEP_RANGE not in chain:
+            continue
+        backward = any("Backward" in n or "autograd::engine" in n for n in chain)
+        optimizer = any(n.startswith("Optimizer.") for n in chain)
+        own = (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3
+        name = e.name
+        if optimizer:
+            key = "optimizer"
+        elif name == STEP_RANGE:
+            key = "outside any op"
+        elif "cpp_fused" in name or "triton_" in name or name.startswith("graph_"):
+            # Inductor's kernels (their names list the ops they fused, "convolution_backward" among them
+            # where a kernel takes a convolution's gradient as input): element-wise, by their graph
+            key = f"element-wise, compiled ({'backward' if backward else 'forward'})"
+        elif "convolution_backward" in name:
+            key = "convolution backward"
+        elif "convolution" in name or name.startswith(("aten::cudnn_conv", "aten::mkldnn_conv")):
+            key = "convolution backward" if backward else "convolution forward"
+        elif name.startswith("aten::"):
+            key = "other ATen ops"
+        else:
+            key = "outside any op"  # profiler ranges of Python-level code: dynamo, autograd, compiled graphs
+        totals[key] += own
+    return {k: totals.get(k, 0.0) / steps for k in CATEGORIES}
+
+
+def profile(step: Callable, batches: list, device: torch.device, steps: int, trace_dir: Path | None) -> dict:
+    from torch.profiler import ProfilerActivity, record_function, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    handler = (tensorboard_trace_handler(str(trace_dir), worker_name="step_breakdown", use_gzip=True)
+               if trace_dir else None)
+    with torch.profiler.profile(activities=activities, on_trace_ready=handler) as prof:
+        for i in range(steps):
+            with record_function(STEP_RANGE):
+                step(*batches[i % len(batches)])
+        synchronize(device)
+    ranges = [e.cpu_time_total / 1e3 for e in prof.events() if e.name == STEP_RANGE]
+    return {"categories_ms": categorize(prof.events(), steps, device), "step_ms": statistics.median(ranges)}
+
+
+def conv_shapes(model: nn.Module, batch: int, device: torch.device) -> list[dict]:
+    """Every convolution of the model with the shape it sees, counted per distinct shape."""
+    seen: dict[tuple, dict] = {}
+    hooks = []
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+
+    def hook(module: nn.Conv2d, inputs, output) -> None:
+        key = (tuple(inputs[0].shape), module.out_channels, module.kernel_size, module.stride, module.padding,
+               module is first)
+        entry = seen.setdefault(key, {"input": list(inputs[0].shape), "out_channels": module.out_channels,
+                                      "kernel": list(module.kernel_size), "stride": list(module.stride),
+                                      "padding": list(module.padding), "input_grad": module is not first,
+                                      "count": 0})
+        entry["count"] += 1
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        model(torch.zeros(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last))
+    for h in hooks:
+        h.remove()
+    return list(seen.values())
+
+
+def _best_ms(call: Callable, device: torch.device, calls: int) -> float:
+    call()
+    best = float("inf")
+    for _ in range(calls):
+        synchronize(device)
+        t0 = time.perf_counter()
+        call()
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 1e3 * best
+
+
+def _one_conv(s: dict, device: torch.device, calls: int) -> dict:
+    """One convolution shape alone: its forward, and the backward kernels the step runs, the best of `calls`."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*s["input"], generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(s["out_channels"], s["input"][1], *s["kernel"], generator=gen).to(device).contiguous(
+        memory_format=torch.channels_last)
+    y = nn.functional.conv2d(x, w, stride=s["stride"], padding=s["padding"])
+    g = torch.randn(y.shape, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+    mask = [s["input_grad"], True, False]  # no input gradient for the stem; no bias
+    fwd = _best_ms(lambda: nn.functional.conv2d(x, w, stride=s["stride"], padding=s["padding"]), device, calls)
+    bwd = _best_ms(lambda: torch.ops.aten.convolution_backward(
+        g, x, w, None, s["stride"], s["padding"], [1, 1], False, [0, 0], 1, mask), device, calls)
+    flops = 2 * y.numel() * s["input"][1] * s["kernel"][0] * s["kernel"][1]
+    return {**s, "forward_ms": fwd, "backward_ms": bwd, "forward_flops": flops,
+            "backward_flops": flops * (2 if s["input_grad"] else 1)}
+
+
+def conv_limit(shapes: list[dict], device: torch.device, calls: int) -> list[dict]:
+    """Each distinct convolution alone."""
+    return [_one_conv(s, device, calls) for s in shapes]
+
+
+def bandwidth_gbs(device: torch.device, mib: int = 256, calls: int = 30) -> dict:
+    """Memory bandwidth on the run's threads: a triad a = b + 2c over `mib` MiB per array, best of `calls`
+    (bytes moved: two reads and one write)."""
+    n = mib * 2**20 // 4
+    b, c = torch.rand(n, device=device), torch.rand(n, device=device)
+    a = torch.empty_like(b)
+    ms = _best_ms(lambda: torch.add(b, c, alpha=2.0, out=a), device, calls)
+    return {"gbs": 3 * n * 4 / (ms / 1e3) / 1e9, "what": f"triad a = b + 2c over {mib} MiB float32 arrays, best of "
+                                                        f"{calls}", "ms": ms}
+
+
+def elementwise_bytes(model: nn.Module, batch: int, device: torch.device) -> dict:
+    """The compiled element-wise kernels' memory traffic, derived from the activations' sizes (a lower
+    bound: what they must move at least). Forward: each BatchNorm'd activation read twice (its statistics,
+    then normalise + ReLU) and written once; each block's residual add two reads and one write. Backward:
+    each BatchNorm'd activation's gradient, input and output read and one gradient written (4 passes);
+    each add's gradient read once and written twice."""
+    bn, adds = [0], [0]
+    hooks = [m.register_forward_hook(lambda mod, i, o: bn.__setitem__(0, bn[0] + o.numel() * o.element_size()))
+             for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    hooks += [m.register_forward_hook(lambda mod, i, o: adds.__setitem__(0, adds[0] + o.numel() * o.element_size()))
+              for m in model.modules() if type(m).__name__ == "PreActBlock"]
+    with torch.no_grad():
+        model(torch.zeros(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last))
+    for h in hooks:
+        h.remove()
+    return {"forward": 3 * bn[0] + 3 * adds[0], "backward": 4 * bn[0] + 3 * adds[0],
+            "how": " ".join(elementwise_bytes.__doc__.split())}
+
+
+def breakdown(device: torch.device, batch: int, rounds: int, steps: int, profile_steps: int, calls: int,
+              trace_dir: Path | None, distinct: int) -> dict:
+    """Everything the JSON holds; see the module's docstring."""
+    import torch._inductor.config as inductor_config
+
+    from ..flops import attainable_probe, step_flops
+
+    batches = make_batches(distinct, batch, device)
+    model, optimizer, step = spec_step(device, compile_model=True)
+    floor = time_rounds(step, batches, device, rounds, steps)
+    # The profiled build: Inductor's kernels visible in the trace (a CPU needs its kernel profile).
+    if device.type == "cpu":
+        inductor_config.cpp.enable_kernel_profile = True
+    torch._dynamo.reset()
+    _, _, visible = spec_step(device, compile_model=True)
+    visible_ms = time_rounds(visible, batches, device, 1, steps)[0]
+    traced = profile(visible, batches, device, profile_steps, trace_dir)
+    inductor_config.cpp.enable_kernel_profile = False
+
+    flops = step_flops(batch)
+    shapes = conv_limit(conv_shapes(model, batch, device), device, calls)
+    conv_fwd_flops = sum(s["forward_flops"] * s["count"] for s in shapes)
+    conv_bwd_flops = sum(s["backward_flops"] * s["count"] for s in shapes)
+    bandwidth = bandwidth_gbs(device)
+    traffic = elementwise_bytes(model, batch, device)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt_ms = _best_ms(optimizer.step, device, calls)
+    limit = {"convolutions_ms": sum((s["forward_ms"] + s["backward_ms"]) * s["count"] for s in shapes),
+             "elementwise_ms": 1e3 * (traffic["forward"] + traffic["backward"]) / (bandwidth["gbs"] * 1e9),
+             "optimizer_ms": opt_ms}
+    limit["step_ms"] = sum(limit.values())
+    floor_stats = describe(floor)
+    cats = traced["categories_ms"]
+    rates = {"convolution forward": ("gflops", conv_fwd_flops), "convolution backward": ("gflops", conv_bwd_flops),
+             "element-wise, compiled (forward)": ("gbs", traffic["forward"]),
+             "element-wise, compiled (backward)": ("gbs", traffic["backward"])}
+    table = {}
+    for name, ms in cats.items():
+        row = {"ms": ms, "share": ms / traced["step_ms"]}
+        if name in rates and ms > 0:
+            unit, amount = rates[name]
+            row[unit] = amount / (ms / 1e3) / 1e9
+        table[name] = row
+    probe = attainable_probe(device)
+    return {
+        "batch": batch, "distinct_batches": distinct,
+        "floor": {"step_ms": floor_stats["mean"], "step_ms_ci95": floor_stats["ci95"], "step_ms_per_round": floor,
+                  "images_per_s": batch / (floor_stats["mean"] / 1e3),
+                  "images_per_s_ci95": [batch / (floor_stats["ci95"][1] / 1e3), batch / (floor_stats["ci95"][0] / 1e3)]
+                  if rounds > 1 else None, "rounds": rounds, "steps_per_round": steps,
+                  "gflops": flops["train_step"] / (floor_stats["mean"] / 1e3) / 1e9},
+        "kernel_profile_build_step_ms": visible_ms,
+        "profiled": {"steps": profile_steps, "step_ms": traced["step_ms"], "categories": table,
+                     "sum_ms": sum(cats.values())},
+        "limit": {**limit, "convolutions": shapes, "bandwidth": bandwidth, "elementwise_bytes": traffic,
+                  "efficiency": limit["step_ms"] / floor_stats["mean"]},
+        "flops": {"train_step": flops["train_step"], "convolution_forward": conv_fwd_flops,
+                  "convolution_backward": conv_bwd_flops},
+        "attainable_fp32": probe,
+        "trace_dir": str(trace_dir) if trace_dir else None,
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    """The breakdown as a picture: the measured step's categories beside the limit's parts (ms per step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..utils import atomic_path
+
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    left = 0.0
+    for i, (name, row) in enumerate(result["profiled"]["categories"].items()):
+        ax.barh(1, row["ms"], left=left, color=f"C{i}", label=name)
+        left += row["ms"]
+    lim = result["limit"]
+    left = 0.0
+    for i, key in enumerate(("convolutions_ms", "elementwise_ms", "optimizer_ms")):
+        ax.barh(0, lim[key], left=left, color=("C0", "C2", "C4")[i], hatch="//", alpha=0.6)
+        left += lim[key]
+    ax.axvline(result["floor"]["step_ms"], color="black", ls="--", label="step, unprofiled")
+    ax.set_yticks([0, 1], ["limit (parts alone)", "step (profiled)"])
+    ax.set_xlabel("ms per step")
+    ax.set_title(f"where a training step goes (batch {result['batch']}); limit = {lim['step_ms']:.0f} ms, "
+                 f"step = {result['floor']['step_ms']:.0f} ms")
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def summary(result: dict) -> str:
+    lines = [f"step, unprofiled: {result['floor']['step_ms']:.1f} ms ({result['floor']['images_per_s']:.0f} images/s, "
+             f"{result['floor']['gflops']:.0f} GFLOP/s); profiled: {result['profiled']['step_ms']:.1f} ms "
+             f"(the kernel-profile build unprofiled: {result['kernel_profile_build_step_ms']:.1f} ms)",
+             f"{'category':<36}{'ms/step':>9}{'share':>8}  rate"]
+    for name, row in result["profiled"]["categories"].items():
+        rate = f"{row['gflops']:.0f} GFLOP/s" if "gflops" in row else f"{row['gbs']:.1f} GB/s" if "gbs" in row else ""
+        lines.append(f"{name:<36}{row['ms']:>9.1f}{100 * row['share']:>7.1f}%  {rate}")
+    lim = result["limit"]
+    lines.append(f"limit: convolutions alone {lim['convolutions_ms']:.1f} + element-wise at "
+                 f"{lim['bandwidth']['gbs']:.1f} GB/s {lim['elementwise_ms']:.1f} + optimizer {lim['optimizer_ms']:.1f}"
+                 f" = {lim['step_ms']:.1f} ms; the step takes {1 / lim['efficiency']:.2f}x its limit")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = ArgumentParser(prog="fastcifar.step_breakdown", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step (the spec's)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds of the unprofiled step")
+    p.add_argument("--steps", type=int, default=20, help="steps per round")
+    p.add_argument("--profile-steps", type=int, default=5, help="steps in the profile")
+    p.add_argument("--calls", type=int, default=10, help="calls per convolution shape alone (the best counts)")
+    p.add_argument("--distinct-batches", type=int, default=32, help="pre-made batches the steps cycle through")
+    p.add_argument("--out", type=Path, default=Path("results/step_breakdown.json"), help="JSON (PNG and trace beside)")
+    p.add_argument("--trace", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the profile's trace (TensorBoard, Perfetto) to OUT's stem + '-trace/'")
+    p.add_argument("--picture", action=argparse.BooleanOptionalAction, default=True, help="write OUT with .png")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "rounds", "steps", "profile_steps", "calls", "distinct_batches"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    writable_folder(args.out.parent, "the output folder")
+    device = resolve_device(args.device)
+    set_float32_precision(device, tf32=False)
+    set_cudnn(device, deterministic=False)
+    env = environment(device, module="fastcifar.step_breakdown")
+    trace_dir = args.out.parent / f"{args.out.stem}-trace" if args.trace else None
+    result = breakdown(device, args.batch_size, args.rounds, args.steps, args.profile_steps, args.calls,
+                       trace_dir, args.distinct_batches)
+    result["trace_dir"] = trace_dir.name if trace_dir else None
+    result["env"] = env
+    write_json_atomic(args.out, result)
+    if args.picture:
+        plot(result, args.out.with_suffix(".png"))
+    print(summary(result))
+    print(f"written: {args.out}" + (f", {args.out.with_suffix('.png')}" if args.picture else "")
+          + (f", the trace in {trace_dir}/ (tensorboard --logdir {trace_dir.parent}, or the .pt.trace.json.gz in "
+             "Perfetto)" if trace_dir else ""))
+    return 0
+
+
+def cli() -> None:
+    run_cli(main, "fastcifar.step_breakdown")
+
+
+if __name__ == "__main__":
+    cli()

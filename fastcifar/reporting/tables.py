@@ -1,0 +1,213 @@
+"""The per-machine tables of docs/benchmarks.md and docs/startup.md, from one column's checked files."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+from . import schema
+from .columns import Machine
+from .machines import machine_line as env_machine_line
+from .schema import DATA_PIPELINE, PIECES
+from .stats import describe
+
+
+def pm(stats: dict, fmt: str, scale: float = 1.0) -> str:
+    """'mean ± sd'; one value alone is said to be one ('± 0' would claim a spread that was never measured)."""
+    if stats["n"] == 1:
+        return f"{format(scale * stats['mean'], fmt)} (1 run)"
+    return f"{format(scale * stats['mean'], fmt)} ± {format(scale * stats['sd'], fmt)}"
+
+
+def ci95(ci: Sequence[float] | None, fmt: str, scale: float = 1.0, unit: str = "") -> str:
+    if not ci or any(math.isnan(v) for v in ci):
+        return "–"
+    return f"{format(scale * ci[0], fmt)} … {format(scale * ci[1], fmt)}{unit}"
+
+
+def spec_stats(m: Machine, key: str) -> dict | None:
+    values = [r[key] for r in m.runs if key in r]
+    return describe(values) if values else None
+
+
+def startup_stats(m: Machine, key: str) -> dict | None:
+    if not m.startup:
+        return None
+    return describe([_piece(run, key) for run in m.startup["warm"]])
+
+
+def machine_line(m: Machine) -> str:
+    note = m.note.get("note", "no record")
+    return env_machine_line(m.env) or f"{m.label()}, {m.note.get('memory_gib', '?')} GiB ({note})"
+
+
+def spec_table(m: Machine) -> list[str]:
+    if not m.runs:
+        return []
+    rows = [("total training time (s)", "total_training_time_s", ".1f", 1),
+            ("mean epoch time (s)", "epoch_time_s", ".1f", 1),
+            ("inference per batch, forward alone (ms)", "inference_time_per_batch_ms", ".1f", 1),
+            ("inference per batch, forward + wait for data (ms)", "inference_time_per_batch_incl_data_ms", ".1f", 1),
+            ("last-epoch train loss", "last_epoch_train_loss", ".4f", 1),
+            ("validation accuracy (%)", "val_accuracy", ".2f", 100),
+            ("test accuracy (%)", "test_accuracy", ".2f", 100), ("data fraction", "data_fraction", ".4f", 1),
+            ("start-up (s)", "startup_s", ".1f", 1), ("compile warm-up, all graphs (s)", "warm_up_s", ".1f", 1)]
+    runs = sorted(m.runs, key=lambda r: r["config"]["seed"])
+    out = [f"The spec, {len(runs)} seeds (`python -m fastcifar.bench --seeds {len(runs)} --name spec --compile "
+           f"--export wat`; [results/{m.name}/spec/](results/{m.name}/spec/)):", "",
+           f"| metric | mean ± sd | 95 % CI | per seed ({', '.join(str(r['config']['seed']) for r in runs)}) |",
+           "|---|---:|---:|---:|"]
+    for label, key, fmt, scale in rows:
+        if not all(key in r for r in runs):
+            continue
+        stats = describe([r[key] for r in runs])
+        out.append(f"| {label} | {pm(stats, fmt, scale)} | {ci95(stats['ci95'], fmt, scale)} | "
+                   + " / ".join(format(scale * r[key], fmt) for r in runs) + " |")
+    ops = [r.get("device_op") for r in runs]
+    if any(ops):
+        out += ["", "Device op kept per seed: " + "; ".join(_op_text(op) for op in ops if op) + "."]
+    return out + [""]
+
+
+def _op_text(op: dict) -> str:
+    times = ", ".join(f"{k[:-3]} {v:.2f} ms" for k, v in op.items() if k.endswith("_ms"))
+    return f"{op['op']} ({times})"
+
+
+def loader_table(m: Machine) -> list[str]:
+    if not m.loader:
+        return []
+    rows = {k: v for k, v in m.loader.items() if isinstance(v, dict) and "images_per_s" in v and k != "compute_only"}
+    base = rows.get("torch", {}).get("images_per_s")
+    out = [f"Loaders, isolated (`python -m fastcifar.bench_loader`; [results/{m.name}/bench_loader.json]"
+           f"(results/{m.name}/bench_loader.json)):", "",
+           "| pipeline | images/s | vs `torch` | s / epoch (45,000) | headroom | device op kept |",
+           "|---|---:|---:|---:|---:|---|"]
+    for name, r in rows.items():
+        op = r.get("device_op")
+        out.append(f"| {name} | {r['images_per_s']:,.0f} | {r['images_per_s'] / base:.2f}× | "
+                   f"{r['seconds_per_epoch']:.2f} | "
+                   f"{r.get('headroom', float('nan')):.0f}× | {_op_text(op) if op else '–'} |" if base else
+                   f"| {name} | {r['images_per_s']:,.0f} | – | {r['seconds_per_epoch']:.2f} | – | – |")
+    compute = m.loader.get("compute_only") or {}
+    if compute:
+        out += ["", f"Compute-only floor: {compute['images_per_s']:.0f} images/s"
+                    + (f" ({ci95(compute.get('images_per_s_ci95'), '.0f')}), {compute['gflops']:.1f} GFLOP/s = "
+                       f"{100 * compute['utilisation']:.1f} % of the attainable fp32 rate "
+                       f"({_probe_text(m.loader['env']['attainable_fp32'])})" if "utilisation" in compute else "")
+                + f"; {compute['steps']} steps x {compute.get('rounds', 1)} round(s)."]
+    return out + [""]
+
+
+def _probe_text(probe: dict) -> str:
+    """'449 GFLOP/s, the conv probe (matmul 176, conv 449 GFLOP/s): <method>'."""
+    return (f"{probe['gflops']:.0f} GFLOP/s, the {probe['kernel']} probe; matmul {probe['matmul']['gflops']:.0f}, "
+            f"conv {probe['conv']['gflops']:.0f} GFLOP/s: {probe['method']}")
+
+
+def e2e_table(m: Machine) -> list[str]:
+    if not m.e2e:
+        return []
+    out = [f"Loaders, end to end (`python -m fastcifar.bench_loader --end-to-end`; "
+           f"[results/{m.name}/bench_end_to_end.json]"
+           f"(results/{m.name}/bench_end_to_end.json)):", "",
+           "| pipeline | median epoch s | images/s | data fraction | vs synthetic (95 % CI) | vs memory (95 % CI) |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for name, r in m.e2e.items():
+        if not (isinstance(r, dict) and "seconds" in r):
+            continue
+        memory = (f"{r['ratio_to_memory']:.3f}× ({ci95(r.get('ratio_to_memory_ci95'), '.3f')})"
+                  if "ratio_to_memory" in r else "–")
+        median = statistics.median(r["epoch_seconds"])  # of every round's epoch
+        out.append(f"| {name} | {median:.2f} | {r['train_images'] / median:,.0f} | {r['data_fraction']:.3f} | "
+                   f"{100 * r['overhead_vs_synthetic']:+.1f} % "
+                   f"({ci95(r.get('overhead_vs_synthetic_ci95'), '+.1f', 100)})"
+                   f" | {memory} |")
+    return out + [""]
+
+
+def startup_table(m: Machine) -> list[str]:
+    if not m.startup:
+        return []
+    warm, cold = m.startup["warm"], m.startup["cold"]
+    out = [f"Start-up (`python -m fastcifar.bench_startup -- {' '.join(m.startup['env'].get('trainer') or [])}`; "
+           f"[results/{m.name}/bench_startup.json](results/{m.name}/bench_startup.json)): one step, seconds", "",
+           f"| piece | cold | warm, median of {len(warm)} |", "|---|---:|---:|"]
+    out += [f"| {k} | {cold[k]:.2f} | {statistics.median(run[k] for run in warm):.2f} |" for k in PIECES if k in cold]
+    return out + [""]
+
+
+def breakdown_table(m: Machine) -> list[str]:
+    """Where the compute-only step's time goes (step_breakdown), and its limit from its own parts."""
+    b = m.breakdown
+    if not b:
+        return []
+    name = f"results/{m.name}/step_breakdown"
+    floor, prof, lim = b["floor"], b["profiled"], b["limit"]
+    out = [f"Where a compute-only training step goes (`python -m fastcifar.step_breakdown`; "
+           f"[{name}.json]({name}.json), "
+           f"[picture]({name}.png), trace in [{name}-trace/]({name}-trace/)): the step unprofiled "
+           f"{floor['step_ms']:.1f} ms ({ci95(floor.get('step_ms_ci95'), '.1f', unit=' ms')}, {floor['rounds']} rounds "
+           f"of {floor['steps_per_round']} steps over {b['distinct_batches']} distinct batches); profiled "
+           f"{prof['step_ms']:.1f} ms, the categories below summing to {prof['sum_ms']:.1f} ms (Inductor's kernels "
+           f"made visible by its kernel profile: that build runs {b['kernel_profile_build_step_ms']:.1f} ms "
+           "unprofiled).",
+           "", "| category | ms / step | share of the profiled step | rate |", "|---|---:|---:|---:|"]
+    for cat, row in prof["categories"].items():
+        rate = (f"{row['gflops']:.0f} GFLOP/s" if "gflops" in row else f"{row['gbs']:.1f} GB/s (lower bound)"
+                if "gbs" in row else "")
+        out.append(f"| {cat} | {row['ms']:.1f} | {100 * row['share']:.1f} % | {rate} |")
+    out += ["", f"The step's limit, {lim['step_ms']:.1f} ms: its {sum(c['count'] for c in lim['convolutions'])} "
+                f"convolutions alone at their shapes, forward and the backward kernels the step runs "
+                f"({lim['convolutions_ms']:.1f} ms), the element-wise kernels' bytes "
+                f"({(lim['elementwise_bytes']['forward'] + lim['elementwise_bytes']['backward']) / 1e9:.2f} GB, "
+                f"derived from the activations' sizes) at the measured bandwidth of {lim['bandwidth']['gbs']:.1f} GB/s "
+                f"({lim['elementwise_ms']:.1f} ms), and the optimizer step alone ({lim['optimizer_ms']:.1f} ms): the "
+                f"step takes {floor['step_ms'] / lim['step_ms']:.2f}× it.", ""]
+    return out
+
+
+def details(ms: list[Machine]) -> str:
+    out: list[str] = []
+    for m in ms:
+        commits = m.commits()
+        out += [f"### {m.label()} (`{m.name}`)", "",
+                f"{machine_line(m)}. Measured {m.date()} at commit{'s' if len(commits) > 1 else ''} "
+                f"{', '.join(commits)}.",
+                ""]
+        out += spec_table(m) + breakdown_table(m) + loader_table(m) + e2e_table(m) + startup_table(m)
+    return "\n".join(out).rstrip()
+
+
+def _piece(run: dict, key: str) -> float | None:
+    """A start-up piece of one run; the data pipeline derived from its three pieces where a file predates it."""
+    if key in run:
+        return run[key]
+    return sum(run[k] for k in DATA_PIPELINE) if key == "data_pipeline_s" else None
+
+
+def startup_before_after(ms: list[Machine]) -> str:
+    """Per machine with both: start-up before a change (startup/before-compile.json) and after it
+    (bench_startup.json), cold and the median of the warm runs, with each one's commit."""
+    out: list[str] = []
+    for m in ms:
+        before = schema.read_checked(m.folder / "startup" / "before-compile.json", schema.check_startup)
+        if not (before and m.startup):
+            continue
+        cols = [("before", before), ("after", m.startup)]
+        commits = [(b["env"].get("git_commit") or "?")[:7] for _, b in cols]
+        out += [f"`{m.name}` ({m.label()}): `bench_startup -- --compile`, one step; before at {commits[0]}, after at "
+                f"{commits[1]} ([before](results/{m.name}/startup/before-compile.json), "
+                f"[after](results/{m.name}/bench_startup.json)).", "",
+                f"| piece (s) | before, cold | before, warm median of {len(before['warm'])} | after, cold | "
+                f"after, warm median of {len(m.startup['warm'])} |", "|---|---:|---:|---:|---:|"]
+        for k in [*PIECES, "data_pipeline_s"]:
+            cells = []
+            for _, b in cols:
+                cold, warm = _piece(b["cold"], k), [v for v in (_piece(r, k) for r in b["warm"]) if v is not None]
+                cells += [f"{cold:.2f}" if cold is not None else "—",
+                          f"{statistics.median(warm):.2f}" if warm else "—"]
+            out.append(f"| `{k}` | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out).rstrip() or "No machine has a before/after pair yet."

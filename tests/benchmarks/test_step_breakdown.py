@@ -1,0 +1,59 @@
+"""The step breakdown on a small batch on CPU: its named categories come from the trace's events and cover
+the unprofiled step, a convolution category has a positive time and a finite rate, the limit is made of
+the step's own parts; and it starts no process."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from fastcifar.benchmarks import step_breakdown
+
+
+def children() -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        found |= {int(p) for p in (task / "children").read_text().split()}
+    return found
+
+
+def test_the_breakdown_attributes_the_step_from_its_trace(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "1")  # Inductor compiles in this process
+    before = children()
+    result = step_breakdown.breakdown(torch.device("cpu"), batch=16, rounds=2, steps=3, profile_steps=3, calls=2,
+                                      trace_dir=tmp_path / "trace", distinct=2)
+    assert children() == before  # no process started (and none left behind)
+
+    cats = result["profiled"]["categories"]
+    assert list(cats) == step_breakdown.CATEGORIES
+    named = sum(cats[c]["ms"] for c in step_breakdown.CATEGORIES)
+    assert named == result["profiled"]["sum_ms"]
+    # from the trace, not a remainder: they sum to the profiled steps' own ranges, and cover the unprofiled step
+    assert abs(named - result["profiled"]["step_ms"]) <= 0.1 * result["profiled"]["step_ms"]
+    assert named >= 0.9 * result["floor"]["step_ms"]
+    for conv in ("convolution forward", "convolution backward"):
+        assert cats[conv]["ms"] > 0 and math.isfinite(cats[conv]["gflops"]) and cats[conv]["gflops"] > 0
+    assert cats["element-wise, compiled (forward)"]["ms"] > 0  # Inductor's kernels visible in the trace
+
+    limit = result["limit"]
+    assert {c["input_grad"] for c in limit["convolutions"]} == {True, False}  # the stem computes no input grad
+    assert sum(c["count"] for c in limit["convolutions"]) == sum(
+        1 for m in step_breakdown.resnetv2_20().modules() if isinstance(m, torch.nn.Conv2d))
+    parts = limit["convolutions_ms"] + limit["elementwise_ms"] + limit["optimizer_ms"]
+    assert math.isclose(limit["step_ms"], parts) and limit["efficiency"] > 0
+    assert any(p.name.endswith(".pt.trace.json.gz") for p in (tmp_path / "trace").iterdir())
+
+
+def test_the_picture_and_the_summary(tmp_path):
+    result = {"batch": 8, "floor": {"step_ms": 10.0, "images_per_s": 800.0, "gflops": 1.0},
+              "kernel_profile_build_step_ms": 11.0,
+              "profiled": {"step_ms": 12.0, "categories": {c: {"ms": 1.5, "share": 0.125} for c in
+                                                            step_breakdown.CATEGORIES}},
+              "limit": {"convolutions_ms": 5.0, "elementwise_ms": 1.0, "optimizer_ms": 0.5, "step_ms": 6.5,
+                        "efficiency": 0.65, "bandwidth": {"gbs": 20.0}}}
+    step_breakdown.plot(result, tmp_path / "b.png")
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "takes 1.54x its limit" in step_breakdown.summary(result)
