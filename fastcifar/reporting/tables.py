@@ -211,3 +211,51 @@ def startup_before_after(ms: list[Machine]) -> str:
             out.append(f"| `{k}` | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out).rstrip() or "No machine has a before/after pair yet."
+
+
+OPTION_PREFIXES = ("OMP_", "GOMP_", "KMP_", "TORCHINDUCTOR_", "NUMBA_")
+OPTION_IGNORED = ("TORCHINDUCTOR_CACHE_DIR", "NUMBA_CACHE_DIR", "TORCHINDUCTOR_COMPILE_THREADS")
+
+
+def _settings(run: dict) -> str:
+    """The settings a step_options run was given, from its own record: '(defaults)' when none."""
+    env = run["env"].get("environment_variables") or {}
+    chosen = {k: v for k, v in env.items() if k.startswith(OPTION_PREFIXES) and k not in OPTION_IGNORED}
+    return " ".join(f"`{k}={v}`" for k, v in sorted(chosen.items())) or "(defaults)"
+
+
+def step_options(ms: list[Machine]) -> str:
+    """Per machine with a step-options/ folder: each option's compiled step (step_breakdown's floor) in every
+    process, against the defaults'. Kept only where all its processes beat all of the defaults'."""
+    out: list[str] = []
+    for m in ms:
+        folder = m.folder / "step-options"
+        runs = [schema.read_checked(p, schema.check_breakdown) for p in sorted(folder.glob("*.json"))
+                if p.name != "options.json"]
+        if not runs:
+            continue
+        by: dict[str, list[dict]] = {}
+        for run in runs:
+            by.setdefault(_settings(run), []).append(run)
+        base = [r["floor"]["step_ms"] for r in by.get("(defaults)", [])]
+        commits = sorted({(r["env"].get("git_commit") or "?")[:7] for r in runs})
+        out += [f"`{m.name}` ({m.label()}), commit {', '.join(commits)}: the compute-only step "
+                f"(`step_breakdown`'s floor, ms) in each process ([results/{m.name}/step-options/]"
+                f"(results/{m.name}/step-options/)); the step's limit in the same runs for scale.", "",
+                "| settings | step ms per process | mean | vs defaults | limit ms (mean) | kept? |",
+                "|---|---:|---:|---:|---:|---|"]
+        for name, group in sorted(by.items(), key=lambda kv: (kv[0] != "(defaults)", kv[0])):
+            steps = [r["floor"]["step_ms"] for r in group]
+            mean = statistics.fmean(steps)
+            limit = statistics.fmean(r["limit"]["step_ms"] for r in group)
+            if name == "(defaults)" or not base:
+                vs, kept = "", "the baseline" if name == "(defaults)" else "no baseline"
+            else:
+                vs = f"{100 * (mean / statistics.fmean(base) - 1):+.1f} %"
+                kept = ("**yes**: every process faster than every baseline process" if max(steps) < min(base) else
+                        "no: slower in every process" if min(steps) > max(base) else
+                        "no: within the spread of the baseline's processes")
+            each = " / ".join(f"{s:.1f}" for s in steps)
+            out.append(f"| {name} | {each} | {mean:.1f} | {vs} | {limit:.1f} | {kept} |")
+        out.append("")
+    return "\n".join(out).rstrip() or "No machine has step options measured yet."
