@@ -16,9 +16,10 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 
 def dry_run(folder: Path, target: str, **env: str) -> str:
     shutil.copy(ROOT / "Makefile", folder / "Makefile")
-    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV", "CONDA_PREFIX", "MAKEFLAGS")}
-    done = subprocess.run(["make", "-n", target], cwd=folder, env={**clean, **env}, capture_output=True, text=True,
-                          timeout=60)
+    outer = ("PYTHON", "VIRTUAL_ENV", "CONDA_PREFIX", "MAKEFLAGS", "MAKELEVEL", "MFLAGS")  # as `make test` sets them
+    clean = {k: v for k, v in os.environ.items() if k not in outer}
+    done = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=folder, env={**clean, **env},
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
