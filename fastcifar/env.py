@@ -69,16 +69,24 @@ def set_cudnn(device: torch.device, deterministic: bool) -> dict:
             "applies": cuda}
 
 
-def git_commit() -> str | None:
-    """HEAD of the checkout that runs, with '+dirty' when it has uncommitted changes."""
-    here = Path(__file__).resolve().parent
+# What `make results` writes into the checkout: its own output does not make the code it measures "dirty"
+# (re-measuring a committed column rewrites tracked files there).
+RESULTS_PATH = "docs/results"
+
+
+def git_commit(where: Path | None = None) -> str | None:
+    """HEAD of the checkout that runs, with '+dirty' when a tracked file outside docs/results/ has
+    uncommitted changes."""
+    here = where or Path(__file__).resolve().parent
 
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=5, cwd=here).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
-        return commit + ("+dirty" if commit and git("status", "--porcelain", "--untracked-files=no") else "") or None
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                      f":(top,exclude){RESULTS_PATH}")
+        return commit + ("+dirty" if commit and changed else "") or None
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -127,6 +127,27 @@ def e2e_table(m: Machine) -> list[str]:
     return out + [""]
 
 
+def e2e_processes_table(m: Machine) -> list[str]:
+    """`ffcv` over `synthetic` in each separate process: the column's end-to-end run and any further ones
+    in end-to-end-processes/ (an interval from one process is an interval for that process only)."""
+    extra = sorted((m.folder / "end-to-end-processes").glob("*.json"))
+    if not (m.e2e and extra):
+        return []
+    files = [("bench_end_to_end.json", m.e2e)] + [
+        (f"end-to-end-processes/{p.name}", schema.read_checked(p, schema.check_end_to_end)) for p in extra]
+    names = [n for n in m.e2e if isinstance(m.e2e[n], dict) and "seconds" in m.e2e[n] and n != "synthetic"]
+    out = [f"End to end, each process apart ({len(files)} processes; each pipeline's epoch over `synthetic`'s, "
+           "95 % CI):", "", "| process | rounds | " + " | ".join(f"`{n}`" for n in names) + " |",
+           "|---|---:|" + "---:|" * len(names)]
+    for label, data in files:
+        cells = [f"{100 * data[n]['overhead_vs_synthetic']:+.1f} % "
+                 f"({ci95(data[n].get('overhead_vs_synthetic_ci95'), '+.1f', 100)})" if n in data else "–"
+                 for n in names]
+        rounds = data["ffcv"]["epochs_timed"] if "ffcv" in data else "–"
+        out.append(f"| [{label}](results/{m.name}/{label}) | {rounds} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def startup_table(m: Machine) -> list[str]:
     if not m.startup:
         return []
@@ -176,7 +197,8 @@ def details(ms: list[Machine]) -> str:
                 f"{machine_line(m)}. Measured {m.date()} at commit{'s' if len(commits) > 1 else ''} "
                 f"{', '.join(commits)}.",
                 ""]
-        out += spec_table(m) + breakdown_table(m) + loader_table(m) + e2e_table(m) + startup_table(m)
+        out += (spec_table(m) + breakdown_table(m) + loader_table(m) + e2e_table(m) + e2e_processes_table(m)
+                + startup_table(m))
     return "\n".join(out).rstrip()
 
 

@@ -121,3 +121,21 @@ def test_a_damaged_results_file_is_named_not_a_traceback(tmp_path):
     (runs / "ffcv-seed0.json").write_bytes(b"\xff")
     with pytest.raises(UserError, match="ffcv-seed0.json: not UTF-8"):
         measure.stale_runs(runs, "this")
+
+
+def test_a_re_measured_column_does_not_make_the_code_dirty(tmp_path):
+    """make results rewrites tracked files under docs/results/: the code it measures stays clean; any other
+    tracked change is dirty."""
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "docs" / "results" / "m").mkdir(parents=True)
+    (tmp_path / "docs" / "results" / "m" / "probe.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    (tmp_path / "docs" / "results" / "m" / "probe.json").write_text('{"new": 1}')
+    assert not git_commit(tmp_path).endswith("+dirty")
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path).endswith("+dirty")

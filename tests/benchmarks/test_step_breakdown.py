@@ -23,7 +23,7 @@ def children() -> set[int]:
 def test_the_breakdown_attributes_the_step_from_its_trace(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "1")  # Inductor compiles in this process
     before = children()
-    result = step_breakdown.breakdown(torch.device("cpu"), batch=16, rounds=2, steps=3, profile_steps=3, calls=2,
+    result = step_breakdown.breakdown(torch.device("cpu"), batch=8, rounds=2, steps=2, profile_steps=2, calls=1,
                                       trace_dir=tmp_path / "trace", distinct=2)
     assert children() == before  # no process started (and none left behind)
 
