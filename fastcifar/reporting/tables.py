@@ -92,10 +92,14 @@ def loader_table(m: Machine) -> list[str]:
                    f"| {name} | {r['images_per_s']:,.0f} | – | {r['seconds_per_epoch']:.2f} | – | – |")
     compute = m.loader.get("compute_only") or {}
     if compute:
-        out += ["", f"Compute-only floor: {compute['images_per_s']:.0f} images/s"
+        # over the column's one rate (probe.json) where it has one, else the probe of bench_loader's own run
+        probe = m.probe["attainable_fp32"] if m.probe else m.loader["env"].get("attainable_fp32")
+        where = "the column's rate" if m.probe else "the attainable fp32 rate"
+        out += ["", f"Compute-only rounds after the loaders, in the same process (for the headroom column): "
+                    f"{compute['images_per_s']:.0f} images/s"
                     + (f" ({ci95(compute.get('images_per_s_ci95'), '.0f')}), {compute['gflops']:.1f} GFLOP/s = "
-                       f"{100 * compute['utilisation']:.1f} % of the attainable fp32 rate "
-                       f"({_probe_text(m.loader['env']['attainable_fp32'])})" if "utilisation" in compute else "")
+                       f"{100 * compute['gflops'] / probe['gflops']:.1f} % of {where} ({_probe_text(probe)})"
+                       if "gflops" in compute and probe else "")
                 + f"; {compute['steps']} steps x {compute.get('rounds', 1)} round(s)."]
     return out + [""]
 
