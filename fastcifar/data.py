@@ -70,6 +70,7 @@ def make_loaders(
     rank: int = 0,
     world_size: int = 1,
     timings: dict | None = None,
+    ffcv_inline: bool = False,
 ) -> dict:
     """{'train', 'val', 'test'} loaders of pipeline `loader` over `data_dir`, after checking the betons.
     A batch larger than the training split is refused (a pipeline would allocate buffers for it).
@@ -78,7 +79,9 @@ def make_loaders(
     yields this rank's share of the epoch's order (`distributed.train_shard`: the same order on every
     rank, padded so every rank takes as many steps), val/test this rank's images only
     (`distributed.eval_shard`: each image scored once), and the augmentation draws from seed + rank.
-    `timings`, when given, receives the seconds spent checking the betons and building the loaders."""
+    ffcv_inline: FFCV's batches made in the training thread, not in its loader thread
+    (`loaders.ffcv_loader._inline_epoch`). `timings`, when given, receives the seconds spent checking the
+    betons and building the loaders."""
     if loader not in LOADERS:
         raise UserError(f"unknown loader {loader!r}: choose one of {', '.join(LOADERS)}")
     t0 = time.perf_counter()
@@ -98,7 +101,7 @@ def make_loaders(
         from .loaders import dali_loader as module
     else:
         from .loaders import synthetic_loader as module
-    loaders = module.make_loaders(*args)
+    loaders = module.make_loaders(*args, **({"inline": True} if ffcv_inline and loader == "ffcv" else {}))
     if timings is not None:  # start-up pieces, for the results JSON's `startup`
         timings.update(betons_check_s=checked - t0, loaders_s=time.perf_counter() - checked)
     return loaders

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,24 @@ def test_pipeline_contract_and_spec_augmentation(small_data, sources, loader):
     again = make_loaders(small_data, CPU, batch_size=64, workers=2, seed=5, loader=loader)["train"]
     first_again = epoch(again)
     assert first_again[2].tolist() == orders[0]  # same seed, same order
+
+
+def test_ffcv_inline_makes_the_same_batches_in_the_callers_thread(small_data):
+    """FFCV without its loader thread (bench_loader's ffcv-inline): the same batches as with it, same seed,
+    and no thread started while an epoch runs."""
+    threaded, inline = (make_loaders(small_data, CPU, batch_size=64, workers=2, seed=3, loader="ffcv",
+                                     ffcv_inline=flag)["train"] for flag in (False, True))
+    for _ in range(2):  # two epochs: the order reshuffled alike
+        before = threading.active_count()
+        batches = iter(inline)
+        first = next(batches)
+        assert threading.active_count() == before  # FFCV's EpochIterator thread never started
+        got = [first, *batches]
+        want = list(threaded)
+        assert len(got) == len(want) == len(inline)
+        for (x, y, i), (x2, y2, i2) in zip(got, want, strict=True):
+            assert torch.equal(i, i2) and torch.equal(y, y2)
+            torch.testing.assert_close(x, x2, atol=1e-6, rtol=0)  # the device op may differ (measured choice)
 
 
 def test_synthetic_is_one_fixed_batch(small_data):

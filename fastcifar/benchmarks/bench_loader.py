@@ -15,7 +15,10 @@
                process used per epoch (all its threads; not worker processes'), paired the same way
 
 Pipelines: ffcv, torch, memory, dali (when installed), and synthetic (the compute-only floor, end
-to end only). Usage: python -m fastcifar.bench_loader --data-dir data [--end-to-end] [--loaders ffcv,torch]
+to end only); and, end to end only, two forced variants of ffcv that separate where its overhead comes
+from: ffcv-inline (no loader thread: each batch made in the training thread between steps) and
+ffcv-1-worker (its numba-compiled passes on one thread, no parallel loop).
+Usage: python -m fastcifar.bench_loader --data-dir data [--end-to-end] [--loaders ffcv,torch]
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ from ..profiling import StepTimer
 from ..reporting.stats import describe, percent_interval
 from ..train import adamw, train_epoch
 from ..utils import ArgumentParser, UserError, run_cli, writable_folder, write_json_atomic
+
+# Forced variants of `ffcv` (end to end only): the pipeline and what make_loaders is given.
+VARIANTS = {"ffcv-inline": ("ffcv", {"ffcv_inline": True}), "ffcv-1-worker": ("ffcv", {"workers": 1})}
 
 
 def dali_installed() -> bool:
@@ -189,8 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     available = [n for n in LOADERS if n != "dali" or dali_installed()]
     names = args.loaders.split(",") if args.loaders else [n for n in available if args.end_to_end or n != "synthetic"]
     for name in names:
-        if name not in LOADERS:
-            raise UserError(f"unknown loader {name!r}: choose from {', '.join(LOADERS)}")
+        if name not in LOADERS and not (args.end_to_end and name in VARIANTS):
+            raise UserError(f"unknown loader {name!r}: choose from {', '.join(LOADERS)}"
+                            + (f" (end to end also {', '.join(VARIANTS)})" if args.end_to_end else ""))
     if args.end_to_end and "synthetic" not in names:
         names.append("synthetic")
     out = args.out or Path("results") / ("bench_end_to_end.json" if args.end_to_end else "bench_loader.json")
@@ -202,8 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict = {}
     setups: dict[str, EndToEnd] = {}
     for name in names:
-        loaders = make_loaders(args.data_dir, device, args.batch_size, args.workers, args.seed,
-                               compile_augment=args.compile, loader=name)
+        base, forced = VARIANTS.get(name, (name, {}))
+        settings = {"workers": args.workers, **forced}
+        loaders = make_loaders(args.data_dir, device, args.batch_size, seed=args.seed, compile_augment=args.compile,
+                               loader=base, **settings)
         if args.end_to_end:
             setups[name] = EndToEnd(loaders, device, args, name)
         else:

@@ -7,6 +7,8 @@ Stages, in order, each a separate process with its log under OUT/<machine>/logs/
   spec        `fastcifar.bench --seeds N --compile --export wat`: the spec's six metrics, mean ± sd
   breakdown   `fastcifar.step_breakdown`: the compute-only floor in its own process, where its step's time
               goes, and the step's limit from its own parts
+  floor       `fastcifar.step_breakdown --floor-only --processes N`: the compute-only floor in N more
+              processes, pooled (the interval a training run, one more process, is compared with)
   loader      `fastcifar.bench_loader`, isolated (5 timed epochs each, the compute-only floor in 3 rounds:
               intervals for the loader ratio and the utilisation)
   end-to-end  `fastcifar.bench_loader --end-to-end` (ffcv, memory, torch, dali where installed, synthetic;
@@ -35,12 +37,13 @@ from ..reporting.schema import Fields, read_json
 from ..utils import ArgumentParser, UserError, child_env, plain_name, run_cli, write_json_atomic
 from .stages import StageRunner, check_budget, parse_stages
 
-STAGES = ["warm-up", "spec", "breakdown", "loader", "end-to-end", "startup", "probe"]
+STAGES = ["warm-up", "spec", "breakdown", "floor", "loader", "end-to-end", "startup", "probe"]
 # Seconds per stage before anything is measured here (a 2-core CPU); the spec's is replaced by the
 # warm-up epoch's measured time x 10 epochs x seeds once the warm-up ran.
-ESTIMATE_S = {"warm-up": 300, "spec": 3 * 2500, "breakdown": 300, "loader": 240, "end-to-end": 1200, "startup": 300,
-              "probe": 30}
+ESTIMATE_S = {"warm-up": 300, "spec": 3 * 2500, "breakdown": 300, "floor": 300, "loader": 240, "end-to-end": 1200,
+              "startup": 300, "probe": 30}
 OUTPUT = {"warm-up": "cold-start.json", "spec": "spec/summary.json", "breakdown": "step_breakdown.json",
+          "floor": "floor.json",
           "loader": "bench_loader.json",
           "end-to-end": "bench_end_to_end.json", "startup": "bench_startup.json", "probe": "probe.json"}
 
@@ -142,6 +145,9 @@ def commands(name: str, args: argparse.Namespace, folder: Path) -> list[str]:
                 "--export", "wat", "--compile", *common]
     if name == "breakdown":
         return [py, "-m", "fastcifar.step_breakdown", "--device", args.device, "--out", str(folder / OUTPUT[name])]
+    if name == "floor":
+        return [py, "-m", "fastcifar.step_breakdown", "--floor-only", "--processes", str(args.floor_processes),
+                "--device", args.device, "--out", str(folder / OUTPUT[name])]
     if name == "loader":
         return [py, "-m", "fastcifar.bench_loader", *common, "--epochs", "5", "--compute-rounds", "3",
                 "--out", str(folder / OUTPUT["loader"])]
@@ -166,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="spec runs, seeds 0..N-1")
     p.add_argument("--e2e-repeats", type=int, default=10, help="end to end: rounds")
     p.add_argument("--e2e-steps", type=int, default=30, help="end to end: steps per timed epoch")
+    p.add_argument("--floor-processes", type=int, default=5, help="floor: separate processes, pooled")
     p.add_argument("--startup-repeats", type=int, default=5, help="start-up: warm runs")
     p.add_argument("--stages", default=None, help=f"comma-separated, from {', '.join(STAGES)} (default: all)")
     p.add_argument("--budget-s", type=float, default=0, help="seconds the whole command may take (0: no limit)")
@@ -177,8 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args.stage_list = parse_stages(args.stages, STAGES)
     check_budget(args.budget_s)
-    if min(args.seeds, args.e2e_repeats, args.e2e_steps, args.startup_repeats) < 1:
-        raise UserError("--seeds, --e2e-repeats, --e2e-steps and --startup-repeats must be at least 1")
+    if min(args.seeds, args.e2e_repeats, args.e2e_steps, args.startup_repeats) < 1 or args.floor_processes < 2:
+        raise UserError("--seeds, --e2e-repeats, --e2e-steps and --startup-repeats must be at least 1, "
+                        "--floor-processes at least 2")
     if args.machine is not None:
         plain_name(args.machine, "--machine")  # a folder under --out, never a path out of it
     from ..data import check_betons

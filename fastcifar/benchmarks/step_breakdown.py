@@ -16,12 +16,21 @@ floor. Measured in its own process, before anything else has run in it:
    bytes at the machine's measured memory bandwidth, and the optimizer step alone.
 Writes a JSON, a PNG (readable without TensorBoard, whose Overview needs the internet) and the
 trace (TensorBoard's profiler plugin and Perfetto open it).
+
+`--floor-only --processes N`: the floor alone (1.), in N separate processes one after another (each this
+command with --processes 1, its JSON under OUT's stem + '-processes/'), and OUT their pooled floor: the
+mean of the processes' floors and the 95 % prediction interval of one more process. Why: a step's time
+moves between processes (where its memory lands, what the machine does meanwhile) more than between
+rounds of one, and a training run is one more process: an interval from one process's rounds is one
+that training can beat without beating the floor.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -33,9 +42,11 @@ from torch import nn
 from ..devices import resolve_device, synchronize
 from ..env import environment, set_cudnn, set_float32_precision
 from ..model import resnetv2_20
-from ..reporting.stats import describe
+from ..reporting.schema import check_floor, read_checked
+from ..reporting.stats import describe, prediction95
 from ..train import adamw
 from ..utils import ArgumentParser, UserError, run_cli, writable_folder, write_json_atomic
+from .step_limit import bandwidth_gbs, best_ms, conv_limit, conv_shapes, elementwise_bytes
 
 CATEGORIES = ["convolution forward", "convolution backward", "element-wise, compiled (forward)",
               "element-wise, compiled (backward)", "optimizer", "other ATen ops", "outside any op"]
@@ -135,95 +146,6 @@ def profile(step: Callable, batches: list, device: torch.device, steps: int, tra
     return {"categories_ms": categorize(prof.events(), steps, device), "step_ms": statistics.median(ranges)}
 
 
-def conv_shapes(model: nn.Module, batch: int, device: torch.device) -> list[dict]:
-    """Every convolution of the model with the shape it sees, counted per distinct shape."""
-    seen: dict[tuple, dict] = {}
-    hooks = []
-    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-
-    def hook(module: nn.Conv2d, inputs, output) -> None:
-        key = (tuple(inputs[0].shape), module.out_channels, module.kernel_size, module.stride, module.padding,
-               module is first)
-        entry = seen.setdefault(key, {"input": list(inputs[0].shape), "out_channels": module.out_channels,
-                                      "kernel": list(module.kernel_size), "stride": list(module.stride),
-                                      "padding": list(module.padding), "input_grad": module is not first,
-                                      "count": 0})
-        entry["count"] += 1
-
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(hook))
-    with torch.no_grad():
-        model(torch.zeros(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last))
-    for h in hooks:
-        h.remove()
-    return list(seen.values())
-
-
-def _best_ms(call: Callable, device: torch.device, calls: int) -> float:
-    call()
-    best = float("inf")
-    for _ in range(calls):
-        synchronize(device)
-        t0 = time.perf_counter()
-        call()
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 1e3 * best
-
-
-def _one_conv(s: dict, device: torch.device, calls: int) -> dict:
-    """One convolution shape alone: its forward, and the backward kernels the step runs, the best of `calls`."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(*s["input"], generator=gen).to(device).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(s["out_channels"], s["input"][1], *s["kernel"], generator=gen).to(device).contiguous(
-        memory_format=torch.channels_last)
-    y = nn.functional.conv2d(x, w, stride=s["stride"], padding=s["padding"])
-    g = torch.randn(y.shape, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
-    mask = [s["input_grad"], True, False]  # no input gradient for the stem; no bias
-    fwd = _best_ms(lambda: nn.functional.conv2d(x, w, stride=s["stride"], padding=s["padding"]), device, calls)
-    bwd = _best_ms(lambda: torch.ops.aten.convolution_backward(
-        g, x, w, None, s["stride"], s["padding"], [1, 1], False, [0, 0], 1, mask), device, calls)
-    flops = 2 * y.numel() * s["input"][1] * s["kernel"][0] * s["kernel"][1]
-    return {**s, "forward_ms": fwd, "backward_ms": bwd, "forward_flops": flops,
-            "backward_flops": flops * (2 if s["input_grad"] else 1)}
-
-
-def conv_limit(shapes: list[dict], device: torch.device, calls: int) -> list[dict]:
-    """Each distinct convolution alone."""
-    return [_one_conv(s, device, calls) for s in shapes]
-
-
-def bandwidth_gbs(device: torch.device, mib: int = 256, calls: int = 30) -> dict:
-    """Memory bandwidth on the run's threads: a triad a = b + 2c over `mib` MiB per array, best of `calls`
-    (bytes moved: two reads and one write)."""
-    n = mib * 2**20 // 4
-    b, c = torch.rand(n, device=device), torch.rand(n, device=device)
-    a = torch.empty_like(b)
-    ms = _best_ms(lambda: torch.add(b, c, alpha=2.0, out=a), device, calls)
-    return {"gbs": 3 * n * 4 / (ms / 1e3) / 1e9, "what": f"triad a = b + 2c over {mib} MiB float32 arrays, best of "
-                                                        f"{calls}", "ms": ms}
-
-
-def elementwise_bytes(model: nn.Module, batch: int, device: torch.device) -> dict:
-    """The compiled element-wise kernels' memory traffic, derived from the activations' sizes (a lower
-    bound: what they must move at least). Forward: each BatchNorm'd activation read twice (its statistics,
-    then normalise + ReLU) and written once; each block's residual add two reads and one write. Backward:
-    each BatchNorm'd activation's gradient, input and output read and one gradient written (4 passes);
-    each add's gradient read once and written twice."""
-    bn, adds = [0], [0]
-    hooks = [m.register_forward_hook(lambda mod, i, o: bn.__setitem__(0, bn[0] + o.numel() * o.element_size()))
-             for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    hooks += [m.register_forward_hook(lambda mod, i, o: adds.__setitem__(0, adds[0] + o.numel() * o.element_size()))
-              for m in model.modules() if type(m).__name__ == "PreActBlock"]
-    with torch.no_grad():
-        model(torch.zeros(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last))
-    for h in hooks:
-        h.remove()
-    return {"forward": 3 * bn[0] + 3 * adds[0], "backward": 4 * bn[0] + 3 * adds[0],
-            "how": " ".join(elementwise_bytes.__doc__.split())}
-
-
 def breakdown(device: torch.device, batch: int, rounds: int, steps: int, profile_steps: int, calls: int,
               trace_dir: Path | None, distinct: int) -> dict:
     """Everything the JSON holds; see the module's docstring."""
@@ -251,7 +173,7 @@ def breakdown(device: torch.device, batch: int, rounds: int, steps: int, profile
     traffic = elementwise_bytes(model, batch, device)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    opt_ms = _best_ms(optimizer.step, device, calls)
+    opt_ms = best_ms(optimizer.step, device, calls)
     limit = {"convolutions_ms": sum((s["forward_ms"] + s["backward_ms"]) * s["count"] for s in shapes),
              "elementwise_ms": 1e3 * (traffic["forward"] + traffic["backward"]) / (bandwidth["gbs"] * 1e9),
              "optimizer_ms": opt_ms}
@@ -271,11 +193,7 @@ def breakdown(device: torch.device, batch: int, rounds: int, steps: int, profile
     probe = attainable_probe(device)
     return {
         "batch": batch, "distinct_batches": distinct,
-        "floor": {"step_ms": floor_stats["mean"], "step_ms_ci95": floor_stats["ci95"], "step_ms_per_round": floor,
-                  "images_per_s": batch / (floor_stats["mean"] / 1e3),
-                  "images_per_s_ci95": [batch / (floor_stats["ci95"][1] / 1e3), batch / (floor_stats["ci95"][0] / 1e3)]
-                  if rounds > 1 else None, "rounds": rounds, "steps_per_round": steps,
-                  "gflops": flops["train_step"] / (floor_stats["mean"] / 1e3) / 1e9},
+        "floor": floor_record(floor, batch, steps, flops["train_step"]),
         "kernel_profile_build_step_ms": visible_ms,
         "profiled": {"steps": profile_steps, "step_ms": traced["step_ms"], "categories": table,
                      "sum_ms": sum(cats.values())},
@@ -286,6 +204,57 @@ def breakdown(device: torch.device, batch: int, rounds: int, steps: int, profile
         "attainable_fp32": probe,
         "trace_dir": str(trace_dir) if trace_dir else None,
     }
+
+
+def floor_record(rounds_ms: list[float], batch: int, steps: int, train_step_flops: float) -> dict:
+    """The floor of one process: its rounds' mean ms per step, the interval of that mean, images/s."""
+    stats = describe(rounds_ms)
+    ci = stats["ci95"] if len(rounds_ms) > 1 else None
+    return {"step_ms": stats["mean"], "step_ms_ci95": ci, "step_ms_per_round": rounds_ms,
+            "images_per_s": batch / (stats["mean"] / 1e3),
+            "images_per_s_ci95": [batch / (ci[1] / 1e3), batch / (ci[0] / 1e3)] if ci else None,
+            "rounds": len(rounds_ms), "steps_per_round": steps,
+            "gflops": train_step_flops / (stats["mean"] / 1e3) / 1e9}
+
+
+def floor_only(device: torch.device, batch: int, rounds: int, steps: int, distinct: int) -> dict:
+    """Part 1 alone, in this process."""
+    from ..flops import step_flops
+
+    batches = make_batches(distinct, batch, device)
+    _, _, step = spec_step(device, compile_model=True)
+    floor = time_rounds(step, batches, device, rounds, steps)
+    flops = step_flops(batch)
+    record = floor_record(floor, batch, steps, flops["train_step"])
+    return {"batch": batch, "distinct_batches": distinct, "floor": record, "flops": {"train_step": flops["train_step"]}}
+
+
+def pooled_floor(args: argparse.Namespace) -> dict:
+    """The floor in `args.processes` separate processes, one after another; their pooled floor."""
+    folder = args.out.parent / f"{args.out.stem}-processes"
+    writable_folder(folder, "the processes' folder")
+    records = []
+    for k in range(1, args.processes + 1):
+        out = folder / f"process-{k}.json"
+        cmd = [sys.executable, "-m", "fastcifar.step_breakdown", "--floor-only", "--processes", "1",
+               "--device", args.device, "--batch-size", str(args.batch_size), "--rounds", str(args.rounds),
+               "--steps", str(args.steps), "--distinct-batches", str(args.distinct_batches), "--out", str(out)]
+        print(f"floor, process {k}/{args.processes}", flush=True)
+        rc = subprocess.run(cmd).returncode
+        if rc:
+            raise UserError(f"the floor's process {k} failed (exit {rc}); nothing pooled")
+        records.append(read_checked(out, check_floor) or {})
+    steps = [r["floor"]["step_ms"] for r in records]
+    pi = prediction95(steps)
+    first = records[0]
+    floor = {**floor_record(steps, args.batch_size, args.steps, first["flops"]["train_step"]),
+             "step_ms_per_process": steps, "step_ms_pi95": pi, "processes": args.processes,
+             "images_per_s_pi95": [args.batch_size / (pi[1] / 1e3), args.batch_size / (pi[0] / 1e3)]
+             if pi and pi[0] > 0 else None,
+             "rounds": args.rounds, "files": [f"{folder.name}/process-{k}.json" for k in range(1, args.processes + 1)]}
+    del floor["step_ms_per_round"]
+    return {"batch": args.batch_size, "distinct_batches": args.distinct_batches, "floor": floor,
+            "flops": first["flops"]}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -334,6 +303,31 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def inductor_settings(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs set on torch._inductor.config (dotted keys reach its sub-configs, e.g. cpp.simdlen);
+    the value read as a Python literal (1, True, 'x'), else as text. An unknown key is refused."""
+    import ast
+
+    import torch._inductor.config as config
+
+    chosen = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        *parents, last = key.split(".")
+        target = config
+        for part in parents:
+            target = getattr(target, part, None)
+        if not sep or target is None or not hasattr(target, last):
+            raise UserError(f"--inductor-config {pair!r}: not KEY=VALUE with KEY in torch._inductor.config")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        setattr(target, last, value)
+        chosen[key] = value
+    return chosen
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="fastcifar.step_breakdown", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda")
@@ -347,8 +341,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--trace", action=argparse.BooleanOptionalAction, default=True,
                    help="write the profile's trace (TensorBoard, Perfetto) to OUT's stem + '-trace/'")
     p.add_argument("--picture", action=argparse.BooleanOptionalAction, default=True, help="write OUT with .png")
+    p.add_argument("--floor-only", action="store_true", help="only the floor: no profile, no limit")
+    p.add_argument("--inductor-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="set torch._inductor.config.KEY before compiling (repeatable; step_options' options)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="--floor-only: the floor in this many separate processes, pooled (an interval between "
+                        "processes, which is what a training run is)")
     args = p.parse_args(argv)
-    for name in ("batch_size", "rounds", "steps", "profile_steps", "calls", "distinct_batches"):
+    if args.processes != 1 and not args.floor_only:
+        raise UserError("--processes needs --floor-only")
+    for name in ("batch_size", "rounds", "steps", "profile_steps", "calls", "distinct_batches", "processes"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     writable_folder(args.out.parent, "the output folder")
@@ -356,11 +358,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_float32_precision(device, tf32=False)
     set_cudnn(device, deterministic=False)
     env = environment(device, module="fastcifar.step_breakdown")
+    inductor = inductor_settings(args.inductor_config)
+    if args.floor_only:
+        result = pooled_floor(args) if args.processes > 1 else \
+            floor_only(device, args.batch_size, args.rounds, args.steps, args.distinct_batches)
+        write_json_atomic(args.out, {**result, "env": env, "inductor_config": inductor})
+        f = result["floor"]
+        spread = (f"; one more process, 95 %: {f['step_ms_pi95'][0]:.1f}-{f['step_ms_pi95'][1]:.1f} ms "
+                  f"(processes: {', '.join(f'{v:.1f}' for v in f['step_ms_per_process'])})"
+                  if f.get("step_ms_pi95") else "")
+        print(f"floor: {f['step_ms']:.1f} ms per step, {f['images_per_s']:.0f} images/s{spread}; written: {args.out}")
+        return 0
     trace_dir = args.out.parent / f"{args.out.stem}-trace" if args.trace else None
     result = breakdown(device, args.batch_size, args.rounds, args.steps, args.profile_steps, args.calls,
                        trace_dir, args.distinct_batches)
     result["trace_dir"] = trace_dir.name if trace_dir else None
     result["env"] = env
+    result["inductor_config"] = inductor
     write_json_atomic(args.out, result)
     if args.picture:
         plot(result, args.out.with_suffix(".png"))

@@ -1,7 +1,8 @@
 """Options for the compiled CPU step, tried by evidence: `python -m fastcifar.benchmarks.step_options`.
 
 Each option is a setting fixed when a process starts (OpenMP's waiting and thread placement, Inductor's
-code generation), so each is tried in whole processes: `step_breakdown` run --processes times per option,
+code generation: its variables, or its config set by step_breakdown --inductor-config), so each is tried
+in whole processes: `step_breakdown` run --processes times per option,
 the options interleaved (baseline, a, b, ..., baseline, a, b, ...) so that a machine drifting over
 minutes does not favour one. Every JSON records the variables it ran with (env.environment_variables);
 docs/benchmarks.md renders the table from them. An option is kept only where all its processes beat
@@ -20,12 +21,18 @@ from .stages import StageRunner
 
 OPTIONS: dict[str, dict[str, str]] = {
     "baseline": {},
+    "inductor-aggressive-fusion": {},  # set in the process: Inductor fuses kernels sharing no buffer (CONFIG)
+    "inductor-no-layout-opt": {"TORCHINDUCTOR_LAYOUT_OPTIMIZATION": "0"},  # convolutions' layouts as given
+    "inductor-dynamic-threads": {"TORCHINDUCTOR_CPP_DYNAMIC_THREADS": "1"},  # threads per kernel by its size
+    "inductor-min-chunk-4096": {"TORCHINDUCTOR_CPP_MIN_CHUNK_SIZE": "4096"},  # small loops on one thread
     "omp-active": {"OMP_WAIT_POLICY": "ACTIVE"},  # OpenMP threads spin between parallel regions
     "omp-passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # ... or sleep at once
     "omp-bind-cores": {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"},  # one thread pinned per core
     "inductor-max-autotune": {"TORCHINDUCTOR_MAX_AUTOTUNE": "1"},  # Inductor's CPU autotuning
     "inductor-cpp-wrapper": {"TORCHINDUCTOR_CPP_WRAPPER": "1"},  # no Python between the step's kernels
 }
+# Options that are Inductor config with no variable of its own: step_breakdown --inductor-config KEY=VALUE.
+CONFIG: dict[str, list[str]] = {"inductor-aggressive-fusion": ["aggressive_fusion=True"]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for var in {v for o in OPTIONS.values() for v in o} - set(OPTIONS[option]):
                 env.pop(var, None)  # only this option's settings
             runner.run(name, [sys.executable, "-m", "fastcifar.step_breakdown", "--device", args.device,
-                              "--out", str(args.out / f"{name}.json"), "--no-trace", "--no-picture"], env)
+                              "--out", str(args.out / f"{name}.json"), "--no-trace", "--no-picture",
+                              *(f"--inductor-config={c}" for c in CONFIG.get(option, []))], env)
     ok = len(runner.stages) - len(runner.failed())
     print(f"step options: {ok} of {len(runner.stages)} runs ok in {args.out}; the table: python -m fastcifar.render")
     return 1 if runner.failed() else 0

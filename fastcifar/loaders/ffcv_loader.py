@@ -115,6 +115,35 @@ def _stop_live_epochs() -> None:
         _stop(epoch)
 
 
+def _inline_epoch(loader) -> Iterator[tuple]:
+    """One epoch of FFCV's Loader without its thread: each batch is made in the caller's thread when
+    it is asked for, between training steps. Loader.__iter__'s steps (the epoch's order, its code),
+    then EpochIterator's own per-batch work (`run_pipeline`) with its buffers, its thread never
+    started."""
+    from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
+    from ffcv.pipeline.compiler import Compiler
+
+    class Unthreaded(EpochIterator):
+        def start(self) -> None:  # EpochIterator.__init__ starts its thread: not this one
+            pass
+
+    Compiler.set_num_threads(loader.num_workers)  # numba's threads for this thread (import_ffcv's patch)
+    order = loader.next_traversal_order()[:len(loader) * loader.batch_size]
+    loader.next_epoch += 1
+    if loader.code is None or loader.recompile:
+        loader.generate_code()
+    epoch = Unthreaded(loader, order)
+    try:
+        for b_ix, indices in enumerate(epoch.iter_ixes):
+            slot = b_ix % (loader.batches_ahead + 2)
+            batch = epoch.run_pipeline(b_ix, indices, slot, None)
+            if IS_CUDA:
+                epoch.current_stream.wait_stream(epoch.cuda_streams[slot])
+            yield batch
+    finally:
+        epoch.close()  # its memory context
+
+
 class DeviceBatches:
     """What `make_loader` returns: an iterable with len() over (images, labels, indices) on the device.
 
@@ -134,13 +163,16 @@ class DeviceBatches:
     `augment` is the device op (compiled ahead by precompile.py); `images` the split's image count.
     """
 
-    def __init__(self, loader, images: int, augment: nn.Module | None = None):
-        self.loader, self.images, self.augment = loader, images, augment
+    def __init__(self, loader, images: int, augment: nn.Module | None = None, inline: bool = False):
+        self.loader, self.images, self.augment, self.inline = loader, images, augment, inline
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if self.inline:
+            yield from _inline_epoch(self.loader)
+            return
         epoch = iter(self.loader)
         _live_epochs.add(epoch)
         try:
@@ -168,6 +200,7 @@ def make_loader(
     compile_augment: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    inline: bool = False,
 ) -> DeviceBatches:
     """One FFCV Loader over a beton, yielding (images, labels, indices), all on `device`.
 
@@ -177,6 +210,7 @@ def make_loader(
     partial batch. With world_size > 1 (a process group is running) `batch_size` is this rank's:
     train uses FFCV's `distributed=True` (the order from `seed` on every rank, split as
     `distributed.train_shard` does), val/test this rank's `distributed.eval_shard`, unpadded.
+    inline=True: no loader thread; each batch is made in the caller's thread (`_inline_epoch`).
     """
     import_ffcv()
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
@@ -192,12 +226,13 @@ def make_loader(
         batch_size = max(1, min(batch_size, images))
     if augment is None:
         augment = RandomCropFlip(seed + rank, device, compile=compile_augment) if train else Normalize(device)
-    if device.type == "cpu" and hasattr(augment, "threads"):
+    in_ffcv_thread = device.type == "cpu" and not inline  # torch ops in FFCV's thread: on one torch thread
+    if in_ffcv_thread and hasattr(augment, "threads"):
         augment.threads = 1  # it will run behind OneTorchThread: compile it for one thread
     image = [
         SimpleRGBImageDecoder(),
         ToTensor(),
-        *([OneTorchThread()] if device.type == "cpu" else []),
+        *([OneTorchThread()] if in_ffcv_thread else []),
         ToDevice(device, non_blocking=True),
         ToTorchImage(channels_last=True, convert_back_int16=False),
         augment,
@@ -218,7 +253,7 @@ def make_loader(
         indices=shard,
         pipelines={"image": image, "label": column(), "index": column()},
     )
-    return DeviceBatches(loader, images, augment)
+    return DeviceBatches(loader, images, augment, inline=inline)
 
 
 class DeferredBatches:
@@ -250,11 +285,12 @@ class DeferredBatches:
 
 def make_loaders(data_dir: Path, device: torch.device, batch_size: int, workers: int, seed: int,
                  compile_augment: bool, counts: dict[str, int], rank: int = 0,
-                 world_size: int = 1) -> dict[str, DeviceBatches | DeferredBatches]:
+                 world_size: int = 1, inline: bool = False) -> dict[str, DeviceBatches | DeferredBatches]:
     """train built now (its device op is compiled before the first batch); val and test deferred."""
     def loader(split: str) -> DeviceBatches:
         return make_loader(Path(data_dir) / f"{split}.beton", device, batch_size, workers, train=split == "train",
-                           seed=seed, compile_augment=compile_augment, rank=rank, world_size=world_size)
+                           seed=seed, compile_augment=compile_augment, rank=rank, world_size=world_size,
+                           inline=inline)
 
     return {split: loader(split) if split == "train" else
             DeferredBatches(functools.partial(loader, split), rank_images(counts[split], False, rank, world_size),

@@ -25,8 +25,9 @@ class Machine:
         self.cold = schema.read_checked(folder / "cold-start.json", schema.check_run)
         self.probe = schema.read_checked(folder / "probe.json", schema.check_probe)
         self.breakdown = schema.read_checked(folder / "step_breakdown.json", schema.check_breakdown)
+        self.floor = schema.read_checked(folder / "floor.json", schema.check_floor)
         self.note = schema.read_checked(folder / "machine.json", schema.check_machine_note) or {}
-        files = [*self.runs, self.loader, self.e2e, self.startup, self.cold, self.probe, self.breakdown]
+        files = [*self.runs, self.loader, self.e2e, self.startup, self.cold, self.probe, self.breakdown, self.floor]
         self.envs = [f["env"] for f in files if f and "env" in f]
         if not self.envs:
             raise UserError(f"{folder}: no results JSON with an env")
@@ -55,6 +56,27 @@ class Machine:
             if told and told != seeds:
                 raise UserError(f"{where}: holds seeds {', '.join(map(str, seeds))}, its summary.json aggregated "
                                 f"{', '.join(map(str, told))}")
+
+    def compute_floor(self) -> dict | None:
+        """The column's compute-only floor: several processes pooled (floor.json) where measured, else the
+        breakdown's one process, else (before step_breakdown existed) bench_loader's compute-only rounds.
+        Keys: images_per_s, its interval `ci` and what that interval is (`of`), flops_per_image."""
+        if self.floor and self.floor["floor"].get("processes"):
+            f = self.floor["floor"]
+            return {"images_per_s": f["images_per_s"], "ci": f.get("images_per_s_pi95"),
+                    "of": f"{f['processes']} processes; 95 % prediction interval of one more",
+                    "flops_per_image": self.floor["flops"]["train_step"] / self.floor["batch"]}
+        if self.breakdown:
+            f = self.breakdown["floor"]
+            return {"images_per_s": f["images_per_s"], "ci": f.get("images_per_s_ci95"),
+                    "of": f"one process, {f['rounds']} rounds; 95 % CI",
+                    "flops_per_image": self.breakdown["flops"]["train_step"] / self.breakdown["batch"]}
+        f = (self.loader or {}).get("compute_only")
+        if not f:
+            return None
+        return {"images_per_s": f["images_per_s"], "ci": f.get("images_per_s_ci95"),
+                "of": f"one process, {f.get('rounds', 1)} rounds; 95 % CI",
+                "flops_per_image": self.loader.get("flops_per_image")}
 
     def rate(self) -> float | None:
         """The column's one attainable fp32 rate (GFLOP/s): its own probe, measured once by `make results`

@@ -119,21 +119,13 @@ def cell_cold(m: Machine) -> str:
 
 
 def cell_utilisation(m: Machine) -> str:
-    """The compute-only floor (step_breakdown, its own process; before it existed, bench_loader's) over the
-    column's one rate."""
-    rate = m.rate()
-    if m.breakdown:
-        floor = m.breakdown["floor"]
-        per_image = m.breakdown["flops"]["train_step"] / m.breakdown["batch"]
-        images, ci = floor["images_per_s"], floor.get("images_per_s_ci95")
-    else:
-        floor = (m.loader or {}).get("compute_only") or {}
-        per_image = (m.loader or {}).get("flops_per_image")
-        images, ci = floor.get("images_per_s"), floor.get("images_per_s_ci95")
-    if not (rate and images and per_image):
+    """The compute-only floor (Machine.compute_floor) over the column's one rate."""
+    rate, floor = m.rate(), m.compute_floor()
+    if not (rate and floor and floor["flops_per_image"]):
         return "not measured (no probe at that commit)"
+    images, per_image, ci = floor["images_per_s"], floor["flops_per_image"], floor["ci"]
     util_ci = [v * per_image / 1e9 / rate for v in ci] if ci else None
-    return (f"{100 * images * per_image / 1e9 / rate:.1f} % ({ci95(util_ci, '.1f', 100, ' %')}) of "
+    return (f"{100 * images * per_image / 1e9 / rate:.1f} % ({ci95(util_ci, '.1f', 100, ' %')}; {floor['of']}) of "
             f"{rate:.0f} GFLOP/s, {images:.0f} images/s: {target_verdict('utilisation', util_ci)}")
 
 
@@ -146,15 +138,16 @@ def cell_epoch_utilisation(m: Machine) -> str:
 
 
 def cell_floor_vs_training(m: Machine) -> str:
-    """Training never beats its floor: the spec's training rate against the floor's interval."""
-    floor = (m.breakdown or {}).get("floor") or {}
+    """Training never beats its floor: the spec's training rate (each seed a process) against the floor's
+    interval (where several processes were measured: where one more process lands)."""
+    floor = m.compute_floor()
     spec = spec_stats(m, "epoch_time_s")
-    if not (floor.get("images_per_s_ci95") and spec):
+    if not (floor and floor["ci"] and spec):
         return "not measured"
     train = 45_000 / spec["mean"]
-    high = floor["images_per_s_ci95"][1]
+    high = floor["ci"][1]
     return (f"training {train:.0f} images/s, floor {floor['images_per_s']:.0f} "
-            f"({ci95(floor['images_per_s_ci95'], '.0f')}): "
+            f"({ci95(floor['ci'], '.0f')}; {floor['of']}): "
             + ("below the floor's upper bound" if train <= high else "**training beats its floor**"))
 
 

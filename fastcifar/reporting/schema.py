@@ -251,6 +251,24 @@ def check_breakdown(path: Path, data: object) -> dict:
     f.positive("limit.efficiency")
     f.positive("limit.bandwidth.gbs")
     f.positive("attainable_fp32.gflops")
+    if f.get("inductor_config", optional=True) is not None:
+        f.mapping("inductor_config")
+    return data
+
+
+def check_floor(path: Path, data: object) -> dict:
+    """`step_breakdown --floor-only`: one process's floor, or several processes' pooled floor."""
+    f = Fields(path, data)
+    f.env()
+    f.seconds("floor.step_ms")
+    f.positive("floor.images_per_s")
+    f.positive("flops.train_step")
+    if f.get("floor.processes", optional=True) is not None:
+        f.number("floor.processes", 2, 1000, integer=True)
+        f.numbers("floor.step_ms_per_process")
+        f.interval("floor.images_per_s_pi95")
+    else:
+        f.numbers("floor.step_ms_per_round")
     return data
 
 

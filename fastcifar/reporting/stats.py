@@ -1,4 +1,5 @@
-"""The statistics every results table quotes: mean, sample sd, min, max and the 95 % interval of the mean."""
+"""The statistics every results table quotes: mean, sample sd, min, max and the 95 % interval of the mean;
+and, for a quantity that varies between processes, the 95 % prediction interval of one more process."""
 
 from __future__ import annotations
 
@@ -19,6 +20,18 @@ def describe(values: list[float]) -> dict:
     half = (T975[n - 2] if n - 1 <= len(T975) else 1.96) * sd / math.sqrt(n) if n > 1 else float("nan")
     return {"n": n, "mean": mean, "sd": sd, "min": min(values), "max": max(values),
             "ci95": [mean - half, mean + half]}
+
+
+def prediction95(values: list[float]) -> list[float] | None:
+    """Where one more sample (one more process) lands 95 % of the time, from `values` (Student t,
+    mean ± t·sd·√(1 + 1/n)); None with fewer than 2. Why not the interval of the mean: that narrows as
+    processes are added, while each new process (a training run's) still varies as much as any one did."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean, sd = statistics.fmean(values), statistics.stdev(values)
+    half = (T975[n - 2] if n - 1 <= len(T975) else 1.96) * sd * math.sqrt(1 + 1 / n)
+    return [mean - half, mean + half]
 
 
 def percent_interval(ci: list[float] | None) -> str:

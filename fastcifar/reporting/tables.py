@@ -193,6 +193,31 @@ def breakdown_table(m: Machine) -> list[str]:
     return out
 
 
+def floor_table(m: Machine) -> list[str]:
+    """The compute-only floor in each of several processes (floor.json), against the spec's training."""
+    f = (m.floor or {}).get("floor") or {}
+    if not f.get("processes"):
+        return []
+    name = f"results/{m.name}/floor.json"
+    spec = spec_stats(m, "epoch_time_s")
+    train = [45_000 / r["epoch_time_s"] for r in m.runs if "epoch_time_s" in r]
+    batch = m.floor["batch"]
+    out = [f"The compute-only floor in {f['processes']} separate processes (`step_breakdown --floor-only "
+           f"--processes {f['processes']}`, [{name}]({name}); each {f['rounds']} rounds of {f['steps_per_round']} "
+           f"steps over {m.floor['distinct_batches']} distinct batches), beside the spec's training (each seed a "
+           "process, its mean epoch):", "", "| process | ms / step | images/s |", "|---|---:|---:|"]
+    out += [f"| floor {k} | {ms:.1f} | {batch / ms * 1e3:.0f} |" for k, ms in enumerate(f["step_ms_per_process"], 1)]
+    out += [f"| floor, pooled | {f['step_ms']:.1f} | {f['images_per_s']:.0f} |"]
+    out += [f"| spec, seed {k} | {1e3 * batch / v:.1f} | {v:.0f} |" for k, v in enumerate(train)]
+    pi = f.get("images_per_s_pi95")
+    if pi and spec:
+        mean = 45_000 / spec["mean"]
+        out += ["", f"One more process's floor lands in {ci95(pi, '.0f', unit=' images/s')} (95 % prediction "
+                    f"interval); the spec's training, {mean:.0f} images/s, is "
+                    + ("within or below it." if mean <= pi[1] else "**above it: training beats its floor**.")]
+    return out + [""]
+
+
 def details(ms: list[Machine]) -> str:
     out: list[str] = []
     for m in ms:
@@ -201,8 +226,8 @@ def details(ms: list[Machine]) -> str:
                 f"{machine_line(m)}. Measured {m.date()} at commit{'s' if len(commits) > 1 else ''} "
                 f"{', '.join(commits)}.",
                 ""]
-        out += (spec_table(m) + breakdown_table(m) + loader_table(m) + e2e_table(m) + e2e_processes_table(m)
-                + startup_table(m))
+        out += (spec_table(m) + breakdown_table(m) + floor_table(m) + loader_table(m) + e2e_table(m)
+                + e2e_processes_table(m) + startup_table(m))
     return "\n".join(out).rstrip()
 
 
@@ -247,15 +272,16 @@ def _settings(run: dict) -> str:
     """The settings a step_options run was given, from its own record: '(defaults)' when none."""
     env = run["env"].get("environment_variables") or {}
     chosen = {k: v for k, v in env.items() if k.startswith(OPTION_PREFIXES) and k not in OPTION_IGNORED}
+    chosen |= {f"torch._inductor.config.{k}": v for k, v in (run.get("inductor_config") or {}).items()}
     return " ".join(f"`{k}={v}`" for k, v in sorted(chosen.items())) or "(defaults)"
 
 
 def step_options(ms: list[Machine]) -> str:
-    """Per machine with a step-options/ folder: each option's compiled step (step_breakdown's floor) in every
-    process, against the defaults'. Kept only where all its processes beat all of the defaults'."""
+    """Per machine, per step-options*/ folder (one sweep each, its own baseline): each option's compiled step
+    (step_breakdown's floor) in every process, against the defaults'. Kept only where all its processes beat
+    all of the defaults'."""
     out: list[str] = []
-    for m in ms:
-        folder = m.folder / "step-options"
+    for m, folder in ((col, f) for col in ms for f in sorted(col.folder.glob("step-options*")) if f.is_dir()):
         runs = [schema.read_checked(p, schema.check_breakdown) for p in sorted(folder.glob("*.json"))
                 if p.name != "options.json"]
         if not runs:
@@ -266,8 +292,8 @@ def step_options(ms: list[Machine]) -> str:
         base = [r["floor"]["step_ms"] for r in by.get("(defaults)", [])]
         commits = sorted({(r["env"].get("git_commit") or "?")[:7] for r in runs})
         out += [f"`{m.name}` ({m.label()}), commit {', '.join(commits)}: the compute-only step "
-                f"(`step_breakdown`'s floor, ms) in each process ([results/{m.name}/step-options/]"
-                f"(results/{m.name}/step-options/)); the step's limit in the same runs for scale.", "",
+                f"(`step_breakdown`'s floor, ms) in each process ([results/{m.name}/{folder.name}/]"
+                f"(results/{m.name}/{folder.name}/)); the step's limit in the same runs for scale.", "",
                 "| settings | step ms per process | mean | vs defaults | limit ms (mean) | kept? |",
                 "|---|---:|---:|---:|---:|---|"]
         for name, group in sorted(by.items(), key=lambda kv: (kv[0] != "(defaults)", kv[0])):

@@ -44,10 +44,11 @@ def test_isolated_and_end_to_end(small_data, tmp_path):
 
     out = tmp_path / "e2e.json"
     result = bench("--data-dir", str(small_data), "--device", "cpu", "--end-to-end", "--max-steps", "2",
-                   "--repeats", "3", "--no-compile", "--loaders", "memory", "--out", str(out))
+                   "--repeats", "3", "--no-compile", "--loaders", "memory,ffcv-inline", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert set(data) >= {"memory", "synthetic"} and data["mode"] == "end_to_end"  # the floor is always measured
+    assert set(data) >= {"memory", "ffcv-inline", "synthetic"} and data["mode"] == "end_to_end"  # the floor always
+    assert data["ffcv-inline"]["epochs_timed"] == 3 and "ffcv-inline" in result.stdout  # a forced variant of ffcv
     assert data["synthetic"]["overhead_vs_synthetic"] == 0.0 and data["memory"]["ratio_to_memory"] == 1.0
     assert data["memory"]["train_images"] == 256  # 2 steps of 128
     assert 0 < data["memory"]["utilisation"] <= 1 and 0 < data["synthetic"]["utilisation"] <= 1

@@ -4,13 +4,17 @@ the step's own parts; and it starts no process."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from fastcifar.benchmarks import step_breakdown
+from fastcifar.reporting import schema
+from fastcifar.utils import UserError
 
 
 def children() -> set[int]:
@@ -59,3 +63,26 @@ def test_the_picture_and_the_summary(tmp_path):
     step_breakdown.plot(result, tmp_path / "b.png")
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "takes 1.54x its limit" in step_breakdown.summary(result)
+
+
+def test_the_floor_pooled_over_separate_processes(tmp_path):
+    """--floor-only --processes N: N child processes, one after another, each its own JSON; the pooled floor is
+    their mean, with the interval where one more process lands (wider than the processes' own range)."""
+    out = tmp_path / "floor.json"
+    assert step_breakdown.main(["--floor-only", "--processes", "2", "--device", "cpu", "--batch-size", "8",
+                                "--rounds", "2", "--steps", "2", "--distinct-batches", "2", "--out", str(out)]) == 0
+    pooled = json.loads(out.read_text())
+    each = [json.loads((tmp_path / "floor-processes" / f"process-{k}.json").read_text()) for k in (1, 2)]
+    steps = [e["floor"]["step_ms"] for e in each]
+    assert all(len(e["floor"]["step_ms_per_round"]) == 2 for e in each)
+    floor = pooled["floor"]
+    assert floor["step_ms_per_process"] == steps and floor["processes"] == 2
+    assert math.isclose(floor["step_ms"], sum(steps) / 2)
+    low, high = floor["step_ms_pi95"]
+    assert low < min(steps) <= max(steps) < high
+    assert schema.check_floor(out, pooled) is pooled  # what the renderer reads
+
+
+def test_processes_need_the_floor_alone():
+    with pytest.raises(UserError, match="--processes needs --floor-only"):
+        step_breakdown.main(["--processes", "2"])

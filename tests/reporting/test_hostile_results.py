@@ -100,6 +100,9 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "a missing key": (lambda r: edit_json(results(r, NEW, "bench_end_to_end.json"),
                                           lambda d: d["ffcv"].pop("epoch_seconds") and None),
                       "'ffcv.epoch_seconds' must be present"),
+    "a pooled floor of one process": (lambda r: edit_json(results(r, NEW, "step_breakdown.json"), setitem(
+        "floor.processes", 1)) or shutil.copy(results(r, NEW, "step_breakdown.json"), results(r, NEW, "floor.json")),
+        "floor.json: field 'floor.processes' must be"),
     "deep nesting": (lambda r: results(r, NEW, "probe.json").write_text("[" * 100_000 + "]" * 100_000),
                      "nested too deeply"),
     "no machine.json": (lambda r: results(r, OLD, "machine.json").unlink(), "no record of the machine"),

@@ -1,0 +1,103 @@
+"""The training step's limit from its own parts (`step_breakdown`'s part 3): every distinct convolution of
+the model alone at its shape, forward and exactly the backward kernels the step runs (the stem computes no
+input gradient); the memory bandwidth the element-wise kernels can reach; the bytes they must move, derived
+from the activations' sizes. Each measured alone, as the best of `calls` calls on the run's threads."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..devices import synchronize
+
+
+def conv_shapes(model: nn.Module, batch: int, device: torch.device) -> list[dict]:
+    """Every convolution of the model with the shape it sees, counted per distinct shape."""
+    seen: dict[tuple, dict] = {}
+    hooks = []
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+
+    def hook(module: nn.Conv2d, inputs, output) -> None:
+        key = (tuple(inputs[0].shape), module.out_channels, module.kernel_size, module.stride, module.padding,
+               module is first)
+        entry = seen.setdefault(key, {"input": list(inputs[0].shape), "out_channels": module.out_channels,
+                                      "kernel": list(module.kernel_size), "stride": list(module.stride),
+                                      "padding": list(module.padding), "input_grad": module is not first,
+                                      "count": 0})
+        entry["count"] += 1
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        model(torch.zeros(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last))
+    for h in hooks:
+        h.remove()
+    return list(seen.values())
+
+
+def best_ms(call: Callable, device: torch.device, calls: int) -> float:
+    call()
+    best = float("inf")
+    for _ in range(calls):
+        synchronize(device)
+        t0 = time.perf_counter()
+        call()
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 1e3 * best
+
+
+def _one_conv(s: dict, device: torch.device, calls: int) -> dict:
+    """One convolution shape alone: its forward, and the backward kernels the step runs, the best of `calls`."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*s["input"], generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(s["out_channels"], s["input"][1], *s["kernel"], generator=gen).to(device).contiguous(
+        memory_format=torch.channels_last)
+    y = nn.functional.conv2d(x, w, stride=s["stride"], padding=s["padding"])
+    g = torch.randn(y.shape, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+    mask = [s["input_grad"], True, False]  # no input gradient for the stem; no bias
+    fwd = best_ms(lambda: nn.functional.conv2d(x, w, stride=s["stride"], padding=s["padding"]), device, calls)
+    bwd = best_ms(lambda: torch.ops.aten.convolution_backward(
+        g, x, w, None, s["stride"], s["padding"], [1, 1], False, [0, 0], 1, mask), device, calls)
+    flops = 2 * y.numel() * s["input"][1] * s["kernel"][0] * s["kernel"][1]
+    return {**s, "forward_ms": fwd, "backward_ms": bwd, "forward_flops": flops,
+            "backward_flops": flops * (2 if s["input_grad"] else 1)}
+
+
+def conv_limit(shapes: list[dict], device: torch.device, calls: int) -> list[dict]:
+    """Each distinct convolution alone."""
+    return [_one_conv(s, device, calls) for s in shapes]
+
+
+def bandwidth_gbs(device: torch.device, mib: int = 256, calls: int = 30) -> dict:
+    """Memory bandwidth on the run's threads: a triad a = b + 2c over `mib` MiB per array, best of `calls`
+    (bytes moved: two reads and one write)."""
+    n = mib * 2**20 // 4
+    b, c = torch.rand(n, device=device), torch.rand(n, device=device)
+    a = torch.empty_like(b)
+    ms = best_ms(lambda: torch.add(b, c, alpha=2.0, out=a), device, calls)
+    return {"gbs": 3 * n * 4 / (ms / 1e3) / 1e9, "what": f"triad a = b + 2c over {mib} MiB float32 arrays, best of "
+                                                        f"{calls}", "ms": ms}
+
+
+def elementwise_bytes(model: nn.Module, batch: int, device: torch.device) -> dict:
+    """The compiled element-wise kernels' memory traffic, derived from the activations' sizes (a lower
+    bound: what they must move at least). Forward: each BatchNorm'd activation read twice (its statistics,
+    then normalise + ReLU) and written once; each block's residual add two reads and one write. Backward:
+    each BatchNorm'd activation's gradient, input and output read and one gradient written (4 passes);
+    each add's gradient read once and written twice."""
+    bn, adds = [0], [0]
+    hooks = [m.register_forward_hook(lambda mod, i, o: bn.__setitem__(0, bn[0] + o.numel() * o.element_size()))
+             for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    hooks += [m.register_forward_hook(lambda mod, i, o: adds.__setitem__(0, adds[0] + o.numel() * o.element_size()))
+              for m in model.modules() if type(m).__name__ == "PreActBlock"]
+    with torch.no_grad():
+        model(torch.zeros(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last))
+    for h in hooks:
+        h.remove()
+    return {"forward": 3 * bn[0] + 3 * adds[0], "backward": 4 * bn[0] + 3 * adds[0],
+            "how": " ".join(elementwise_bytes.__doc__.split())}
