@@ -192,7 +192,8 @@ def gpu(device: torch.device) -> dict | None:
 
 # Environment variables that change what a figure measures (threads, OpenMP waiting, compilers, caches):
 # recorded in every results JSON, so that an option run says which option it was.
-SETTING_PREFIXES = ("OMP_", "KMP_", "GOMP_", "MKL_", "TORCH", "NUMBA_", "FASTCIFAR_", "CUDA_VISIBLE_DEVICES")
+SETTING_PREFIXES = ("OMP_", "KMP_", "GOMP_", "MKL_", "TORCH", "NUMBA_", "FASTCIFAR_", "THP_", "MALLOC_",
+                    "CUDA_VISIBLE_DEVICES")
 
 
 def setting_variables() -> dict[str, str]:

@@ -21,6 +21,7 @@ from .stages import StageRunner
 
 OPTIONS: dict[str, dict[str, str]] = {
     "baseline": {},
+    "thp": {"THP_MEM_ALLOC_ENABLE": "1"},  # torch's large CPU tensors 2 MB-aligned, in transparent huge pages
     "inductor-aggressive-fusion": {},  # set in the process: Inductor fuses kernels sharing no buffer (CONFIG)
     "inductor-no-layout-opt": {"TORCHINDUCTOR_LAYOUT_OPTIMIZATION": "0"},  # convolutions' layouts as given
     "inductor-dynamic-threads": {"TORCHINDUCTOR_CPP_DYNAMIC_THREADS": "1"},  # threads per kernel by its size

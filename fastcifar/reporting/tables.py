@@ -264,7 +264,7 @@ def startup_before_after(ms: list[Machine]) -> str:
     return "\n".join(out).rstrip() or "No machine has a before/after pair yet."
 
 
-OPTION_PREFIXES = ("OMP_", "GOMP_", "KMP_", "TORCHINDUCTOR_", "NUMBA_")
+OPTION_PREFIXES = ("OMP_", "GOMP_", "KMP_", "TORCHINDUCTOR_", "NUMBA_", "THP_", "MALLOC_")
 OPTION_IGNORED = ("TORCHINDUCTOR_CACHE_DIR", "NUMBA_CACHE_DIR", "TORCHINDUCTOR_COMPILE_THREADS")
 
 
