@@ -71,6 +71,7 @@ def make_loaders(
     world_size: int = 1,
     timings: dict | None = None,
     ffcv_inline: bool = False,
+    ffcv_parallel: bool = False,
 ) -> dict:
     """{'train', 'val', 'test'} loaders of pipeline `loader` over `data_dir`, after checking the betons.
     A batch larger than the training split is refused (a pipeline would allocate buffers for it).
@@ -80,8 +81,9 @@ def make_loaders(
     rank, padded so every rank takes as many steps), val/test this rank's images only
     (`distributed.eval_shard`: each image scored once), and the augmentation draws from seed + rank.
     ffcv_inline: FFCV's batches made in the training thread, not in its loader thread
-    (`loaders.ffcv_loader._inline_epoch`). `timings`, when given, receives the seconds spent checking the
-    betons and building the loaders."""
+    (`loaders.ffcv_loader._inline_epoch`); ffcv_parallel: FFCV's passes on `workers` threads even on a
+    CPU device with no idle core (`loaders.ffcv_loader.pipeline_threads`); both for bench_loader.
+    `timings`, when given, receives the seconds spent checking the betons and building the loaders."""
     if loader not in LOADERS:
         raise UserError(f"unknown loader {loader!r}: choose one of {', '.join(LOADERS)}")
     t0 = time.perf_counter()
@@ -101,7 +103,8 @@ def make_loaders(
         from .loaders import dali_loader as module
     else:
         from .loaders import synthetic_loader as module
-    loaders = module.make_loaders(*args, **({"inline": True} if ffcv_inline and loader == "ffcv" else {}))
+    forced = {"inline": ffcv_inline, "parallel": ffcv_parallel} if loader == "ffcv" else {}
+    loaders = module.make_loaders(*args, **{k: v for k, v in forced.items() if v})
     if timings is not None:  # start-up pieces, for the results JSON's `startup`
         timings.update(betons_check_s=checked - t0, loaders_s=time.perf_counter() - checked)
     return loaders

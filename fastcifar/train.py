@@ -55,7 +55,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="model init, batch order and augmentation")
     p.add_argument("--loader", default="ffcv", choices=LOADERS,
                    help="data pipeline (synthetic: one fixed batch, the compute-only floor; trains nothing)")
-    p.add_argument("--workers", type=int, default=2, help="loader threads or processes")
+    p.add_argument("--workers", type=int, default=2,
+                   help="loader threads or processes (ffcv on a CPU device: at most the cores torch leaves idle, "
+                        "at least 1)")
     p.add_argument("--device", default="auto",
                    help="auto (cuda when available, else cpu), cpu, cuda, cuda:N; under torchrun: cuda (each "
                         "process its cuda:LOCAL_RANK) or cpu")

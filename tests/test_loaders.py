@@ -105,6 +105,18 @@ def test_ffcv_inline_makes_the_same_batches_in_the_callers_thread(small_data):
             torch.testing.assert_close(x, x2, atol=1e-6, rtol=0)  # the device op may differ (measured choice)
 
 
+def test_ffcv_threads_take_only_the_cores_the_model_leaves_idle_on_a_cpu(monkeypatch):
+    from fastcifar.loaders.ffcv_loader import pipeline_threads
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for cores, expected in ((2, 1), (3, 1), (4, 2), (16, 2)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert pipeline_threads(CPU, 2) == expected, cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
+    assert pipeline_threads(CPU, 2, parallel=True) == 2  # bench_loader's ffcv-parallel: forced
+    assert pipeline_threads(torch.device("cuda"), 3) == 3  # a GPU device: the model leaves the cores idle
+
+
 def test_synthetic_is_one_fixed_batch(small_data):
     loaders = make_loaders(small_data, CPU, batch_size=128, workers=2, loader="synthetic")
     batches = list(loaders["train"])

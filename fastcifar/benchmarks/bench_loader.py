@@ -12,18 +12,22 @@
                images/s, data and compute time, data fraction; the overhead over `synthetic` and the
                ratio to `memory` *paired by round* (the mean over rounds of epoch / synthetic's epoch
                of the same round, minus 1, with its 95 % confidence interval); and the CPU seconds the
-               process used per epoch (all its threads; not worker processes'), paired the same way
+               process used per epoch (all its threads; not worker processes'), paired the same way, with
+               the process's minor page faults and involuntary context switches (a thread preempted by
+               another that wanted its core) per epoch: what a loader costs a step besides its own work
 
 Pipelines: ffcv, torch, memory, dali (when installed), and synthetic (the compute-only floor, end
 to end only); and, end to end only, two forced variants of ffcv that separate where its overhead comes
 from: ffcv-inline (no loader thread: each batch made in the training thread between steps) and
-ffcv-1-worker (its numba-compiled passes on one thread, no parallel loop).
+ffcv-parallel (its numba-compiled passes on --workers threads even where the model's threads leave no
+core idle: FFCV's own default, which fastcifar's is not on such a CPU; see ffcv_loader.pipeline_threads).
 Usage: python -m fastcifar.bench_loader --data-dir data [--end-to-end] [--loaders ffcv,torch]
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 from collections.abc import Sequence
@@ -44,7 +48,7 @@ from ..train import adamw, train_epoch
 from ..utils import ArgumentParser, UserError, run_cli, writable_folder, write_json_atomic
 
 # Forced variants of `ffcv` (end to end only): the pipeline and what make_loaders is given.
-VARIANTS = {"ffcv-inline": ("ffcv", {"ffcv_inline": True}), "ffcv-1-worker": ("ffcv", {"workers": 1})}
+VARIANTS = {"ffcv-inline": ("ffcv", {"ffcv_inline": True}), "ffcv-parallel": ("ffcv", {"ffcv_parallel": True})}
 
 
 def dali_installed() -> bool:
@@ -90,13 +94,17 @@ class EndToEnd:
 
     def epoch(self, timed: bool = True) -> None:
         cpu0 = time.process_time()  # CPU seconds of every thread of this process (not of worker processes)
+        use0 = resource.getrusage(resource.RUSAGE_SELF)
         with frozen():
             stats = train_epoch(self.net, self.train, self.optimizer, self.device, StepTimer(self.device),
                                 self.max_steps, desc=f"{self.name}{'' if timed else ' warm-up'}")
         cpu_s = time.process_time() - cpu0
+        use = resource.getrusage(resource.RUSAGE_SELF)
         if timed:
             self.epochs.append({**{k: stats[k] for k in ("seconds", "images_per_s", "train_images", "data_time_s",
-                                                         "compute_time_s", "data_fraction")}, "cpu_s": cpu_s})
+                                                         "compute_time_s", "data_fraction")}, "cpu_s": cpu_s,
+                                "minor_faults": use.ru_minflt - use0.ru_minflt,
+                                "involuntary_switches": use.ru_nivcsw - use0.ru_nivcsw})
 
     def result(self) -> dict:
         """The median epoch's seconds and images/s (of an even count, the mean of the two middle epochs), the
@@ -104,7 +112,9 @@ class EndToEnd:
         seconds = statistics.median(e["seconds"] for e in self.epochs)
         nearest = min(self.epochs, key=lambda e: abs(e["seconds"] - seconds))
         cpu = statistics.median(e["cpu_s"] for e in self.epochs)
-        return {**nearest, "seconds": seconds, "images_per_s": nearest["train_images"] / seconds, "cpu_s": cpu,
+        counts = {k: statistics.median(e[k] for e in self.epochs) for k in ("minor_faults", "involuntary_switches")}
+        return {**nearest, **counts, "seconds": seconds, "images_per_s": nearest["train_images"] / seconds,
+                "cpu_s": cpu,
                 "epoch_seconds": [e["seconds"] for e in self.epochs],
                 "epoch_cpu_s": [e["cpu_s"] for e in self.epochs], "epochs_timed": len(self.epochs)}
 
@@ -251,9 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.batch_size}, {args.workers} workers, {device_name(device)} ({device}), "
           f"{'compiled' if args.compile else 'eager'}")
     if args.end_to_end:
-        header = f"{'pipeline':<10}{'epoch s':>9}{'images/s':>10}{'data s':>8}{'compute s':>10}{'data frac':>10}" \
+        w = max(10, *(len(n) + 1 for n in results))
+        header = f"{'pipeline':<{w}}{'epoch s':>9}{'images/s':>10}{'data s':>8}{'compute s':>10}{'data frac':>10}" \
                  f"{'vs synthetic':>13}{'95 % CI':>17}{'vs memory':>10}{'CPU s':>8}{'CPU vs synth':>13}{'util.':>7}"
-        rows = [f"{n:<10}{r['seconds']:>9.2f}{r['images_per_s']:>10,.0f}{r['data_time_s']:>8.2f}"
+        rows = [f"{n:<{w}}{r['seconds']:>9.2f}{r['images_per_s']:>10,.0f}{r['data_time_s']:>8.2f}"
                 f"{r['compute_time_s']:>10.2f}{r['data_fraction']:>10.3f}{100 * r['overhead_vs_synthetic']:>+12.1f}%"
                 + f"{percent_interval(r['overhead_vs_synthetic_ci95']):>17}"
                 + (f"{r['ratio_to_memory']:>9.3f}x" if "ratio_to_memory" in r else f"{'':>10}")

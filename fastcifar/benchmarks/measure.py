@@ -11,8 +11,11 @@ Stages, in order, each a separate process with its log under OUT/<machine>/logs/
               processes, pooled (the interval a training run, one more process, is compared with)
   loader      `fastcifar.bench_loader`, isolated (5 timed epochs each, the compute-only floor in 3 rounds:
               intervals for the loader ratio and the utilisation)
-  end-to-end  `fastcifar.bench_loader --end-to-end` (ffcv, memory, torch, dali where installed, synthetic;
-              --e2e-repeats rounds)
+  end-to-end  `fastcifar.bench_loader --end-to-end` (ffcv, memory, torch, dali where installed, synthetic,
+              and ffcv's two forced variants, ffcv-inline and ffcv-parallel; --e2e-repeats rounds)
+  end-to-end-2, end-to-end-3
+              the same for ffcv and memory alone, each in a process of its own
+              (end-to-end-processes/): ffcv's overhead in three separate processes
   startup     `fastcifar.bench_startup -- --compile` (one cold run, then --startup-repeats warm ones)
   probe       the device's attainable fp32 rate (the median of 5 matmul-and-conv probes: the column's one
               rate) and the step's FLOPs, alone (probe.json)
@@ -37,15 +40,17 @@ from ..reporting.schema import Fields, read_json
 from ..utils import ArgumentParser, UserError, child_env, plain_name, run_cli, write_json_atomic
 from .stages import StageRunner, check_budget, parse_stages
 
-STAGES = ["warm-up", "spec", "breakdown", "floor", "loader", "end-to-end", "startup", "probe"]
+STAGES = ["warm-up", "spec", "breakdown", "floor", "loader", "end-to-end", "end-to-end-2", "end-to-end-3", "startup",
+          "probe"]
 # Seconds per stage before anything is measured here (a 2-core CPU); the spec's is replaced by the
 # warm-up epoch's measured time x 10 epochs x seeds once the warm-up ran.
 ESTIMATE_S = {"warm-up": 300, "spec": 3 * 2500, "breakdown": 300, "floor": 300, "loader": 240, "end-to-end": 1200,
-              "startup": 300, "probe": 30}
+              "end-to-end-2": 400, "end-to-end-3": 400, "startup": 300, "probe": 30}
 OUTPUT = {"warm-up": "cold-start.json", "spec": "spec/summary.json", "breakdown": "step_breakdown.json",
           "floor": "floor.json",
           "loader": "bench_loader.json",
-          "end-to-end": "bench_end_to_end.json", "startup": "bench_startup.json", "probe": "probe.json"}
+          "end-to-end": "bench_end_to_end.json", "end-to-end-2": "end-to-end-processes/process-2.json",
+          "end-to-end-3": "end-to-end-processes/process-3.json", "startup": "bench_startup.json", "probe": "probe.json"}
 
 
 def commit_of(path: Path) -> str | None:
@@ -76,8 +81,8 @@ def probe(out: Path, device: str) -> None:
     dev = resolve_device(device)
     set_float32_precision(dev, tf32=False)
     env = environment(dev, module="fastcifar.measure")
-    # Five probes of 4 s each; the column's rate is their median (one probe's fastest call moved 349-448
-    # GFLOP/s between processes on one machine): every utilisation of the column divides by it.
+    # Five probes of 4 s each; the column's rate is their median (one probe's fastest call has moved by
+    # well over 10 % between processes on one machine): every utilisation of the column divides by it.
     rates = sorted((attainable_probe(dev, seconds=4.0) for _ in range(5)), key=lambda r: r["gflops"])
     record = flops_record(128)
     write_json_atomic(out, {"attainable_fp32": {**rates[2], "of": "the median of 5 probes"},
@@ -128,7 +133,7 @@ class Measurement:
 
     def run(self, i: int, name: str, cmd: list[str]) -> bool:
         tag = f"[{i}/{len(self.args.stage_list)} {name}]"
-        if not self.done(name):
+        if not self.done(name):  # the runner asks again (its own check), and then says why it skips
             print(f"{tag} ~{self.estimate(name) / 60:.0f} min", flush=True)
         ok = self.runner.run(name, cmd, child_env(self.cache), tag=tag)
         return ok and (self.runner.stages[name]["rc"] == "kept" or (self.folder / OUTPUT[name]).is_file())
@@ -151,12 +156,13 @@ def commands(name: str, args: argparse.Namespace, folder: Path) -> list[str]:
     if name == "loader":
         return [py, "-m", "fastcifar.bench_loader", *common, "--epochs", "5", "--compute-rounds", "3",
                 "--out", str(folder / OUTPUT["loader"])]
-    if name == "end-to-end":
-        loaders = "ffcv,memory,torch" + (",dali" if importlib.util.find_spec("nvidia") and
-                                         importlib.util.find_spec("nvidia.dali") else "")
+    if name.startswith("end-to-end"):
+        dali = importlib.util.find_spec("nvidia") and importlib.util.find_spec("nvidia.dali")
+        loaders = ("ffcv,memory,torch" + (",dali" if dali else "") + ",ffcv-inline,ffcv-parallel"
+                   if name == "end-to-end" else "ffcv,memory")
         return [py, "-m", "fastcifar.bench_loader", *common, "--end-to-end", "--loaders", loaders,
                 "--repeats", str(args.e2e_repeats), "--max-steps", str(args.e2e_steps),
-                "--out", str(folder / OUTPUT["end-to-end"])]
+                "--out", str(folder / OUTPUT[name])]
     if name == "startup":
         return [py, "-m", "fastcifar.bench_startup", "--data-dir", data, "--repeats", str(args.startup_repeats),
                 "--out", str(folder / OUTPUT["startup"]), "--", "--compile", "--device", args.device]
@@ -170,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--machine", default=None, help="the machine's folder name (default: from its CPU/GPU model)")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda")
     p.add_argument("--seeds", type=int, default=3, help="spec runs, seeds 0..N-1")
-    p.add_argument("--e2e-repeats", type=int, default=10, help="end to end: rounds")
+    p.add_argument("--e2e-repeats", type=int, default=20, help="end to end: rounds per process")
     p.add_argument("--e2e-steps", type=int, default=30, help="end to end: steps per timed epoch")
     p.add_argument("--floor-processes", type=int, default=5, help="floor: separate processes, pooled")
     p.add_argument("--startup-repeats", type=int, default=5, help="start-up: warm runs")

@@ -21,7 +21,8 @@ from .stages import StageRunner
 
 OPTIONS: dict[str, dict[str, str]] = {
     "baseline": {},
-    "thp": {"THP_MEM_ALLOC_ENABLE": "1"},  # torch's large CPU tensors 2 MB-aligned, in transparent huge pages
+    # torch's large CPU tensors in transparent huge pages: kept (fastcifar/__init__.py sets it), so tried off
+    "thp-off": {"THP_MEM_ALLOC_ENABLE": "0"},
     "inductor-aggressive-fusion": {},  # set in the process: Inductor fuses kernels sharing no buffer (CONFIG)
     "inductor-no-layout-opt": {"TORCHINDUCTOR_LAYOUT_OPTIMIZATION": "0"},  # convolutions' layouts as given
     "inductor-dynamic-threads": {"TORCHINDUCTOR_CPP_DYNAMIC_THREADS": "1"},  # threads per kernel by its size

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -56,6 +57,21 @@ class OneTorchThread(nn.Module):
         if torch.get_num_threads() != 1:
             torch.set_num_threads(1)
         return x
+
+
+def pipeline_threads(device: torch.device, workers: int, parallel: bool = False) -> int:
+    """How many threads FFCV's numba-compiled passes get (its `num_workers`): `workers` on a GPU device;
+    on a CPU device only the cores the model's torch threads leave idle, and at least one (its own).
+
+    Why, measured end to end on 2 cores (docs/benchmarks.md, "Where ffcv's overhead came from"): with a
+    second thread, each batch's parallel loop wakes numba's worker thread (TBB), which spins after the
+    loop on a core the model's two OpenMP threads are using; the model's threads were preempted ~1,700
+    times per 30-step epoch against ~200, and `ffcv` ran +4.7 % over `synthetic`; on one thread, +0.7 %,
+    as `memory`. `parallel=True` forces `workers` threads anyway (bench_loader's ffcv-parallel)."""
+    if device.type != "cpu" or parallel:
+        return workers
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(workers, usable - torch.get_num_threads()))
 
 
 class LoaderThreadDied(RuntimeError):
@@ -201,6 +217,7 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     inline: bool = False,
+    parallel: bool = False,
 ) -> DeviceBatches:
     """One FFCV Loader over a beton, yielding (images, labels, indices), all on `device`.
 
@@ -211,6 +228,7 @@ def make_loader(
     train uses FFCV's `distributed=True` (the order from `seed` on every rank, split as
     `distributed.train_shard` does), val/test this rank's `distributed.eval_shard`, unpadded.
     inline=True: no loader thread; each batch is made in the caller's thread (`_inline_epoch`).
+    FFCV's passes run on `pipeline_threads(device, workers, parallel)` threads.
     """
     import_ffcv()
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
@@ -244,7 +262,7 @@ def make_loader(
     loader = Loader(
         str(path),
         batch_size=batch_size,
-        num_workers=workers,
+        num_workers=pipeline_threads(device, workers, parallel),
         order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
         seed=seed,
         drop_last=False,
@@ -285,12 +303,13 @@ class DeferredBatches:
 
 def make_loaders(data_dir: Path, device: torch.device, batch_size: int, workers: int, seed: int,
                  compile_augment: bool, counts: dict[str, int], rank: int = 0,
-                 world_size: int = 1, inline: bool = False) -> dict[str, DeviceBatches | DeferredBatches]:
+                 world_size: int = 1, inline: bool = False,
+                 parallel: bool = False) -> dict[str, DeviceBatches | DeferredBatches]:
     """train built now (its device op is compiled before the first batch); val and test deferred."""
     def loader(split: str) -> DeviceBatches:
         return make_loader(Path(data_dir) / f"{split}.beton", device, batch_size, workers, train=split == "train",
                            seed=seed, compile_augment=compile_augment, rank=rank, world_size=world_size,
-                           inline=inline)
+                           inline=inline, parallel=parallel)
 
     return {split: loader(split) if split == "train" else
             DeferredBatches(functools.partial(loader, split), rank_images(counts[split], False, rank, world_size),

@@ -208,6 +208,8 @@ def check_end_to_end(path: Path, data: object) -> dict:
         f.interval(f"{name}.overhead_vs_synthetic_ci95")
         f.number(f"{name}.ratio_to_memory", 0.0, 100.0, optional=True)
         f.interval(f"{name}.ratio_to_memory_ci95")
+        for count in ("minor_faults", "involuntary_switches"):
+            f.number(f"{name}.{count}", 0, 1 << 50, optional=True)
     return data
 
 
