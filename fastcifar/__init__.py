@@ -4,10 +4,10 @@ import os
 
 # torch's CPU allocator puts tensors of 2 MB and more in transparent huge pages (madvise) when this is
 # set before its first allocation: here, before any fastcifar command loads torch. Why, measured on a
-# 2-core CPU (docs/benchmarks.md, "Options for the compiled CPU step"): without it glibc returned the
-# step's large activations to the kernel and faulted them in again 4 KB at a time, by an amount that
-# varied from process to process (~30,000 to ~870,000 faults per 30 steps), and with it the step was
-# faster and the same in every process. THP_MEM_ALLOC_ENABLE=0 opts out.
+# 2-core CPU (docs/benchmarks.md, "Options for the compiled CPU step" and the end-to-end tables' page
+# faults): without it glibc returned the step's large activations to the kernel and faulted them in
+# again 4 KB at a time, by an amount that varied from process to process; with it the compute-only step
+# was faster in every process. THP_MEM_ALLOC_ENABLE=0 opts out.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 try:

@@ -65,9 +65,9 @@ def pipeline_threads(device: torch.device, workers: int, parallel: bool = False)
 
     Why, measured end to end on 2 cores (docs/benchmarks.md, "Where ffcv's overhead came from"): with a
     second thread, each batch's parallel loop wakes numba's worker thread (TBB), which spins after the
-    loop on a core the model's two OpenMP threads are using; the model's threads were preempted ~1,700
-    times per 30-step epoch against ~200, and `ffcv` ran +4.7 % over `synthetic`; on one thread, +0.7 %,
-    as `memory`. `parallel=True` forces `workers` threads anyway (bench_loader's ffcv-parallel)."""
+    loop on a core the model's two OpenMP threads are using: the model's threads were preempted several
+    times as often per epoch as beside `synthetic` or `memory`, and `ffcv`'s epochs were longer by that.
+    `parallel=True` forces `workers` threads anyway (bench_loader's ffcv-parallel)."""
     if device.type != "cpu" or parallel:
         return workers
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
