@@ -196,8 +196,14 @@ SETTING_PREFIXES = ("OMP_", "KMP_", "GOMP_", "MKL_", "TORCH", "NUMBA_", "FASTCIF
                     "CUDA_VISIBLE_DEVICES")
 
 
+# Variables that name a place on the measuring machine (data, caches): recorded as "set", never their
+# value, because a results JSON is published and a path says nothing about what was measured.
+PLACE_VARIABLES = ("FASTCIFAR_CIFAR_ARCHIVE", "TORCHINDUCTOR_CACHE_DIR", "NUMBA_CACHE_DIR")
+
+
 def setting_variables() -> dict[str, str]:
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(SETTING_PREFIXES)}
+    return {k: "set" if k in PLACE_VARIABLES else v for k, v in sorted(os.environ.items())
+            if k.startswith(SETTING_PREFIXES)}
 
 
 def environment(device: torch.device, module: str = "fastcifar.train", **settings: object) -> dict:

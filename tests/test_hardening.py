@@ -369,3 +369,16 @@ def test_a_second_conversion_into_the_same_folder_is_refused(tmp_path, small_arc
     one_line(result, f"another conversion (pid {os.getpid()}) is writing into")
     result = make_beton("--source", str(small_archive), "--data-dir", str(tmp_path), *SMALL_FLAGS)
     assert result.returncode == 0, result.stderr  # the lock went with its holder
+
+
+def test_a_results_json_records_settings_but_no_place_on_the_machine(monkeypatch):
+    """Published results say which settings a figure ran with, never where the data or caches lay."""
+    from fastcifar.env import setting_variables
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    for name in ("FASTCIFAR_CIFAR_ARCHIVE", "TORCHINDUCTOR_CACHE_DIR", "NUMBA_CACHE_DIR"):
+        monkeypatch.setenv(name, f"/home/someone/private/{name.lower()}")
+    recorded = setting_variables()
+    assert recorded["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert recorded["FASTCIFAR_CIFAR_ARCHIVE"] == recorded["TORCHINDUCTOR_CACHE_DIR"] == "set"
+    assert "/home/someone" not in json.dumps(recorded)
