@@ -171,8 +171,8 @@ def cell_step_limit(m: Machine) -> str:
         return "not measured"
     floor, limit = m.breakdown["floor"], m.breakdown["limit"]
     ci = [v / limit["step_ms"] for v in floor["step_ms_ci95"]] if floor.get("step_ms_ci95") else None
-    return (f"{floor['step_ms']:.0f} ms = {floor['step_ms'] / limit['step_ms']:.2f}× its limit of "
-            f"{limit['step_ms']:.0f} ms ({ci95(ci, '.2f', unit='×')}): {target_verdict('step_limit', ci)}")
+    return (f"{floor['step_ms']:.0f} ms = {floor['step_ms'] / limit['step_ms']:.3f}× its limit of "
+            f"{limit['step_ms']:.1f} ms ({ci95(ci, '.3f', unit='×')}): {target_verdict('step_limit', ci)}")
 
 
 HEADLINE: list[tuple[str, Callable[[Machine], str]]] = [

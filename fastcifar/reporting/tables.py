@@ -160,8 +160,7 @@ def e2e_candidates_table(m: Machine) -> list[str]:
     if not files:
         return []
     runs = [(p, schema.read_checked(p, schema.check_end_to_end)) for p in files]
-    names = list(dict.fromkeys(n for _, d in runs for n, r in d.items() if isinstance(r, dict) and "seconds" in r
-                               and n != "synthetic"))
+    names = list(dict.fromkeys(n for _, d in runs for n, r in d.items() if isinstance(r, dict) and "seconds" in r))
     commits = sorted({(d["env"].get("git_commit") or "?")[:7] for _, d in runs})
     out = [f"End to end with one candidate forced per process ([results/{m.name}/end-to-end-candidates/]"
            f"(results/{m.name}/end-to-end-candidates/), commit {', '.join(commits)}): each pipeline's epoch over "
