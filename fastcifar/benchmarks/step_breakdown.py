@@ -238,12 +238,16 @@ def pooled_floor(args: argparse.Namespace) -> dict:
         out = folder / f"process-{k}.json"
         cmd = [sys.executable, "-m", "fastcifar.step_breakdown", "--floor-only", "--processes", "1",
                "--device", args.device, "--batch-size", str(args.batch_size), "--rounds", str(args.rounds),
-               "--steps", str(args.steps), "--distinct-batches", str(args.distinct_batches), "--out", str(out)]
+               "--steps", str(args.steps), "--distinct-batches", str(args.distinct_batches), "--out", str(out),
+               *(f"--inductor-config={pair}" for pair in args.inductor_config)]  # each process the same settings
         print(f"floor, process {k}/{args.processes}", flush=True)
         rc = subprocess.run(cmd).returncode
         if rc:
             raise UserError(f"the floor's process {k} failed (exit {rc}); nothing pooled")
-        records.append(read_checked(out, check_floor) or {})
+        record = read_checked(out, check_floor)
+        if record is None:
+            raise UserError(f"the floor's process {k} wrote no {out}; nothing pooled")
+        records.append(record)
     steps = [r["floor"]["step_ms"] for r in records]
     pi = prediction95(steps)
     first = records[0]

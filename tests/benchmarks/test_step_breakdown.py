@@ -70,11 +70,13 @@ def test_the_floor_pooled_over_separate_processes(tmp_path):
     their mean, with the interval where one more process lands (wider than the processes' own range)."""
     out = tmp_path / "floor.json"
     assert step_breakdown.main(["--floor-only", "--processes", "2", "--device", "cpu", "--batch-size", "8",
-                                "--rounds", "2", "--steps", "2", "--distinct-batches", "2", "--out", str(out)]) == 0
+                                "--rounds", "2", "--steps", "2", "--distinct-batches", "2", "--out", str(out),
+                                "--inductor-config", "cpp.simdlen=None"]) == 0  # Inductor's default, passed on
     pooled = json.loads(out.read_text())
     each = [json.loads((tmp_path / "floor-processes" / f"process-{k}.json").read_text()) for k in (1, 2)]
     steps = [e["floor"]["step_ms"] for e in each]
     assert all(len(e["floor"]["step_ms_per_round"]) == 2 for e in each)
+    assert all(e["inductor_config"] == {"cpp.simdlen": None} for e in each)  # every process the same settings
     floor = pooled["floor"]
     assert floor["step_ms_per_process"] == steps and floor["processes"] == 2
     assert math.isclose(floor["step_ms"], sum(steps) / 2)
