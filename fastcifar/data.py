@@ -104,7 +104,7 @@ def make_loaders(
     else:
         from .loaders import synthetic_loader as module
     forced = {"inline": ffcv_inline, "parallel": ffcv_parallel} if loader == "ffcv" else {}
-    loaders = module.make_loaders(*args, **{k: v for k, v in forced.items() if v})
+    loaders = module.make_loaders(*args, **forced)
     if timings is not None:  # start-up pieces, for the results JSON's `startup`
         timings.update(betons_check_s=checked - t0, loaders_s=time.perf_counter() - checked)
     return loaders

@@ -14,6 +14,7 @@ import torch
 
 from . import __version__
 from .devices import device_name
+from .utils import usable_cpus
 
 
 def seconds_since_process_start() -> float:
@@ -134,10 +135,6 @@ def machine() -> dict:
     os_release = _read("/etc/os-release") or ""
     pretty = next((line.split("=", 1)[1].strip('"') for line in os_release.splitlines()
                    if line.startswith("PRETTY_NAME=")), platform.system())
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = logical
     return {
         "cpu_model": info.get("model name") or platform.processor() or platform.machine(),
         "cpu_vendor": info.get("vendor_id"),
@@ -146,7 +143,7 @@ def machine() -> dict:
         "cpu_stepping": info.get("stepping"),
         "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS} if flags else {},
         "logical_cpus": logical,
-        "usable_cpus": usable,
+        "usable_cpus": usable_cpus(),
         "threads_per_core": per_core,
         "logical_cpus_are": "hyper-threads (SMT)" if per_core > 1 else "cores (one thread each)",
         "memory_gib": round(mem_kib / 2**20, 1) if mem_kib else None,

@@ -151,6 +151,14 @@ def write_json_atomic(path: Path, obj: object) -> None:
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; every logical CPU where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def child_env(caches: Path | None = None) -> dict[str, str]:
     """The environment of a fastcifar command run as a child process: unbuffered output, this fastcifar
     first on PYTHONPATH and, with `caches`, Inductor's and numba's compile caches under that folder."""

@@ -220,9 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setups: dict[str, EndToEnd] = {}
     for name in names:
         base, forced = VARIANTS.get(name, (name, {}))
-        settings = {"workers": args.workers, **forced}
-        loaders = make_loaders(args.data_dir, device, args.batch_size, seed=args.seed, compile_augment=args.compile,
-                               loader=base, **settings)
+        loaders = make_loaders(args.data_dir, device, args.batch_size, args.workers, args.seed,
+                               compile_augment=args.compile, loader=base, **forced)
         if args.end_to_end:
             setups[name] = EndToEnd(loaders, device, args, name)
         else:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from torch import nn
 from ..augment import Normalize, RandomCropFlip
 from ..distributed import eval_shard, rank_images
 from ..ffcv_threads import import_ffcv
+from ..utils import usable_cpus
 
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_WORKERS = 2
@@ -70,8 +70,7 @@ def pipeline_threads(device: torch.device, workers: int, parallel: bool = False)
     `parallel=True` forces `workers` threads anyway (bench_loader's ffcv-parallel)."""
     if device.type != "cpu" or parallel:
         return workers
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(workers, usable - torch.get_num_threads()))
+    return max(1, min(workers, usable_cpus() - torch.get_num_threads()))
 
 
 class LoaderThreadDied(RuntimeError):

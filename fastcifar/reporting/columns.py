@@ -26,6 +26,9 @@ class Machine:
         self.probe = schema.read_checked(folder / "probe.json", schema.check_probe)
         self.breakdown = schema.read_checked(folder / "step_breakdown.json", schema.check_breakdown)
         self.floor = schema.read_checked(folder / "floor.json", schema.check_floor)
+        # end to end in further separate processes (make results' end-to-end-2, -3), beside self.e2e's
+        self.e2e_processes = [(p, schema.read_checked(p, schema.check_end_to_end))
+                              for p in sorted((folder / "end-to-end-processes").glob("*.json"))]
         self.note = schema.read_checked(folder / "machine.json", schema.check_machine_note) or {}
         files = [*self.runs, self.loader, self.e2e, self.startup, self.cold, self.probe, self.breakdown, self.floor]
         self.envs = [f["env"] for f in files if f and "env" in f]

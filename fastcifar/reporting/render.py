@@ -100,9 +100,7 @@ def cell_e2e(m: Machine) -> str:
     ci = r.get("overhead_vs_synthetic_ci95")
     cell = (f"{100 * r['overhead_vs_synthetic']:+.1f} % ({ci95(ci, '+.1f', 100, ' %')}; {rounds} rounds of "
             f"{r['train_images'] // 128 + bool(r['train_images'] % 128)} steps)")
-    others = [schema.read_checked(p, schema.check_end_to_end)
-              for p in sorted((m.folder / "end-to-end-processes").glob("*.json"))]
-    others = [o["ffcv"] for o in others if "ffcv" in o]
+    others = [data["ffcv"] for _, data in m.e2e_processes if "ffcv" in data]
     if not others:
         return f"{cell}: {target_verdict('end_to_end', ci)}"
     verdicts = [target_verdict("end_to_end", o.get("overhead_vs_synthetic_ci95")) for o in [r, *others]]

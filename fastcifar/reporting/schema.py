@@ -235,15 +235,25 @@ def check_probe(path: Path, data: object) -> dict:
     return data
 
 
+def _floor(f: Fields, pooled: bool = False) -> None:
+    """A `floor` record (step_breakdown.floor_record): one process's rounds, or several processes pooled."""
+    f.seconds("floor.step_ms")
+    f.positive("floor.images_per_s")
+    f.interval("floor.images_per_s_ci95")
+    f.positive("floor.gflops")
+    if pooled:
+        f.number("floor.processes", 2, 1000, integer=True)
+        f.numbers("floor.step_ms_per_process")
+        f.interval("floor.images_per_s_pi95")
+    else:
+        f.numbers("floor.step_ms_per_round")
+
+
 def check_breakdown(path: Path, data: object) -> dict:
     """`step_breakdown`: the floor's rounds, the profiled step's categories, the step's limit."""
     f = Fields(path, data)
     f.env()
-    f.seconds("floor.step_ms")
-    f.numbers("floor.step_ms_per_round")
-    f.positive("floor.images_per_s")
-    f.interval("floor.images_per_s_ci95")
-    f.positive("floor.gflops")
+    _floor(f)
     f.seconds("profiled.step_ms")
     cats = f.mapping("profiled.categories")
     for name in cats:
@@ -262,15 +272,8 @@ def check_floor(path: Path, data: object) -> dict:
     """`step_breakdown --floor-only`: one process's floor, or several processes' pooled floor."""
     f = Fields(path, data)
     f.env()
-    f.seconds("floor.step_ms")
-    f.positive("floor.images_per_s")
+    _floor(f, pooled=f.get("floor.processes", optional=True) is not None)
     f.positive("flops.train_step")
-    if f.get("floor.processes", optional=True) is not None:
-        f.number("floor.processes", 2, 1000, integer=True)
-        f.numbers("floor.step_ms_per_process")
-        f.interval("floor.images_per_s_pi95")
-    else:
-        f.numbers("floor.step_ms_per_round")
     return data
 
 

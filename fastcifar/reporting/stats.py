@@ -12,12 +12,17 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.045, 2.042]
 
 
+def _t975(n: int) -> float:
+    """Student t(0.975) for a sample of n (n - 1 degrees of freedom)."""
+    return T975[n - 2] if n - 1 <= len(T975) else 1.96
+
+
 def describe(values: list[float]) -> dict:
     """n, mean, sample sd, min, max and the 95 % confidence interval of the mean (Student t)."""
     n = len(values)
     mean = statistics.fmean(values)
     sd = statistics.stdev(values) if n > 1 else 0.0
-    half = (T975[n - 2] if n - 1 <= len(T975) else 1.96) * sd / math.sqrt(n) if n > 1 else float("nan")
+    half = _t975(n) * sd / math.sqrt(n) if n > 1 else float("nan")
     return {"n": n, "mean": mean, "sd": sd, "min": min(values), "max": max(values),
             "ci95": [mean - half, mean + half]}
 
@@ -30,7 +35,7 @@ def prediction95(values: list[float]) -> list[float] | None:
     if n < 2:
         return None
     mean, sd = statistics.fmean(values), statistics.stdev(values)
-    half = (T975[n - 2] if n - 1 <= len(T975) else 1.96) * sd * math.sqrt(1 + 1 / n)
+    half = _t975(n) * sd * math.sqrt(1 + 1 / n)
     return [mean - half, mean + half]
 
 

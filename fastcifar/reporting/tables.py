@@ -110,6 +110,19 @@ def _probe_text(probe: dict) -> str:
             f"conv {probe['conv']['gflops']:.0f} GFLOP/s: {probe['method']}")
 
 
+COUNTS = ("minor_faults", "involuntary_switches")  # bench_loader's per-epoch medians
+
+
+def overhead(r: dict) -> str:
+    """A pipeline's epoch over `synthetic`'s of the same round, with its 95 % interval."""
+    return f"{100 * r['overhead_vs_synthetic']:+.1f} % ({ci95(r.get('overhead_vs_synthetic_ci95'), '+.1f', 100)})"
+
+
+def counts(r: dict) -> list[str]:
+    """Its page faults and preemptions per epoch; '–' in a file that predates them."""
+    return [f"{r[k]:,.0f}" if k in r else "–" for k in COUNTS]
+
+
 def e2e_table(m: Machine) -> list[str]:
     if not m.e2e:
         return []
@@ -124,30 +137,23 @@ def e2e_table(m: Machine) -> list[str]:
         memory = (f"{r['ratio_to_memory']:.3f}× ({ci95(r.get('ratio_to_memory_ci95'), '.3f')})"
                   if "ratio_to_memory" in r else "–")
         median = statistics.median(r["epoch_seconds"])  # of every round's epoch
-        counts = " | ".join(f"{r[k]:,.0f}" if k in r else "–" for k in ("minor_faults", "involuntary_switches"))
         out.append(f"| {name} | {median:.2f} | {r['train_images'] / median:,.0f} | {r['data_fraction']:.3f} | "
-                   f"{100 * r['overhead_vs_synthetic']:+.1f} % "
-                   f"({ci95(r.get('overhead_vs_synthetic_ci95'), '+.1f', 100)})"
-                   f" | {memory} | {counts} |")
+                   f"{overhead(r)} | {memory} | {' | '.join(counts(r))} |")
     return out + [""]
 
 
 def e2e_processes_table(m: Machine) -> list[str]:
     """`ffcv` over `synthetic` in each separate process: the column's end-to-end run and any further ones
     in end-to-end-processes/ (an interval from one process is an interval for that process only)."""
-    extra = sorted((m.folder / "end-to-end-processes").glob("*.json"))
-    if not (m.e2e and extra):
+    if not (m.e2e and m.e2e_processes):
         return []
-    files = [("bench_end_to_end.json", m.e2e)] + [
-        (f"end-to-end-processes/{p.name}", schema.read_checked(p, schema.check_end_to_end)) for p in extra]
+    files = [("bench_end_to_end.json", m.e2e)] + [(f"end-to-end-processes/{p.name}", d) for p, d in m.e2e_processes]
     names = [n for n in m.e2e if isinstance(m.e2e[n], dict) and "seconds" in m.e2e[n] and n != "synthetic"]
     out = [f"End to end, each process apart ({len(files)} processes; each pipeline's epoch over `synthetic`'s, "
            "95 % CI):", "", "| process | rounds | " + " | ".join(f"`{n}`" for n in names) + " |",
            "|---|---:|" + "---:|" * len(names)]
     for label, data in files:
-        cells = [f"{100 * data[n]['overhead_vs_synthetic']:+.1f} % "
-                 f"({ci95(data[n].get('overhead_vs_synthetic_ci95'), '+.1f', 100)})" if n in data else "–"
-                 for n in names]
+        cells = [overhead(data[n]) if n in data else "–" for n in names]
         rounds = data["ffcv"]["epochs_timed"] if "ffcv" in data else "–"
         out.append(f"| [{label}](results/{m.name}/{label}) | {rounds} | " + " | ".join(cells) + " |")
     return out + [""]
@@ -168,11 +174,7 @@ def e2e_candidates_table(m: Machine) -> list[str]:
            "switches per epoch (median).", "",
            "| settings | rounds | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|---:|" + "---|" * len(names)]
     for path, data in runs:
-        cells = [f"{100 * data[n]['overhead_vs_synthetic']:+.1f} % "
-                 f"({ci95(data[n].get('overhead_vs_synthetic_ci95'), '+.1f', 100)}); "
-                 + "; ".join(f"{data[n][k]:,.0f}" if k in data[n] else "–" for k in ("minor_faults",
-                                                                                     "involuntary_switches"))
-                 if n in data else "–" for n in names]
+        cells = ["; ".join([overhead(data[n]), *counts(data[n])]) if n in data else "–" for n in names]
         rounds = data["synthetic"]["epochs_timed"]
         out.append(f"| [{_settings(data)}](results/{m.name}/end-to-end-candidates/{path.name}) | {rounds} | "
                    + " | ".join(cells) + " |")
@@ -303,6 +305,11 @@ def _settings(run: dict) -> str:
     return " ".join(f"`{k}={v}`" for k, v in sorted(chosen.items())) or "(defaults)"
 
 
+def _typical(run: dict) -> float:
+    """A step_options process's step: its median round."""
+    return statistics.median(run["floor"]["step_ms_per_round"])
+
+
 def step_options(ms: list[Machine]) -> str:
     """Per machine, per step-options*/ folder (one sweep each, its own baseline): each option's compiled step
     (step_breakdown's floor) in every process, against the defaults'. A process is judged by its median
@@ -317,10 +324,7 @@ def step_options(ms: list[Machine]) -> str:
         by: dict[str, list[dict]] = {}
         for run in runs:
             by.setdefault(_settings(run), []).append(run)
-        def typical(run: dict) -> float:
-            return statistics.median(run["floor"]["step_ms_per_round"])
-
-        base = [typical(r) for r in by.get("(defaults)", [])]
+        base = [_typical(r) for r in by.get("(defaults)", [])]
         commits = sorted({(r["env"].get("git_commit") or "?")[:7] for r in runs})
         out += [f"`{m.name}` ({m.label()}), commit {', '.join(commits)}: the compute-only step "
                 f"(`step_breakdown`'s floor, ms) in each process ([results/{m.name}/{folder.name}/]"
@@ -329,7 +333,7 @@ def step_options(ms: list[Machine]) -> str:
                 "| settings | step ms per process: median round (mean) | mean of the medians | vs defaults | "
                 "limit ms (mean) | kept? |", "|---|---:|---:|---:|---:|---|"]
         for name, group in sorted(by.items(), key=lambda kv: (kv[0] != "(defaults)", kv[0])):
-            steps = [typical(r) for r in group]
+            steps = [_typical(r) for r in group]
             mean = statistics.fmean(steps)
             limit = statistics.fmean(r["limit"]["step_ms"] for r in group)
             if name == "(defaults)" or not base:
@@ -339,7 +343,7 @@ def step_options(ms: list[Machine]) -> str:
                 kept = ("**yes**: every process faster than every one of the defaults" if max(steps) < min(base) else
                         "no: slower in every process" if min(steps) > max(base) else
                         "no: within the spread of the baseline's processes")
-            each = " / ".join(f"{typical(r):.1f} ({r['floor']['step_ms']:.1f})" for r in group)
+            each = " / ".join(f"{_typical(r):.1f} ({r['floor']['step_ms']:.1f})" for r in group)
             out.append(f"| {name} | {each} | {mean:.1f} | {vs} | {limit:.1f} | {kept} |")
         out.append("")
     return "\n".join(out).rstrip() or "No machine has step options measured yet."
