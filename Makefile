@@ -69,7 +69,7 @@ python-deps:
 	  $(PIP) install -q setuptools wheel "numpy>=2" numba pillow && \
 	  $(PIP) install -q --no-build-isolation ffcv==1.0.2; }
 	@$(PYTHON) -c "from importlib.metadata import version as v; \
-	  [v(p) for p in ('fastcifar', 'tensorboard', 'torch-tb-profiler', 'matplotlib', 'pytest', 'ruff')]" 2>/dev/null || \
+	  [v(p) for p in ('fastcifar', 'tensorboard', 'torch-tb-profiler', 'matplotlib', 'pydantic', 'pytest', 'ruff')]" 2>/dev/null || \
 	  $(PIP) install -q -e ".[test]"
 
 # Optional: NVIDIA DALI for --loader dali (CI installs it so the DALI tests run on its CPU-only pipeline).
@@ -113,7 +113,7 @@ docs: venv
 # Seconds, no training, no torch: the rendered tables match the committed JSONs, every relative link
 # resolves. Needs only pytest (installed into the chosen Python when missing).
 docs-check: venv
-	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PIP) install -q pytest
+	@$(PYTHON) -c "import pytest, pydantic" 2>/dev/null || $(PIP) install -q pytest "pydantic>=2.7,<3"
 	$(PYTHON) -m pytest -q -p no:cacheprovider --noconftest tests/reporting/test_docs.py
 
 clean:  # keeps .venv/ (rm -r .venv to start over)

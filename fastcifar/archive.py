@@ -56,39 +56,84 @@ MAX_MEMBER_BYTES = 64 << 20
 MAX_ARCHIVE_BYTES = 1 << 30
 
 
-def _latin1_bytes(text: object, encoding: object = "latin1") -> bytes:
-    """`_codecs.encode` as Python 3 uses it to write bytes into a protocol-2 pickle, and only so: a str
-    of code points < 256 and 'latin1', bounded. Anything else (other codecs, bytes in, chained calls,
-    which can grow the output exponentially) is refused."""
-    if type(text) is not str or encoding not in ("latin1", "latin-1") or len(text) > MAX_MEMBER_BYTES:
-        raise pickle.UnpicklingError("forbidden use of _codecs.encode")
-    return text.encode("latin1")
+class _Budget:
+    """What the pickles of one archive may produce, in total: decoded bytes (from `_codecs.encode` and the
+    arrays they fill) at most the bytes of the pickles themselves, and a few arrays per batch. A pickle
+    references any object again for a few bytes (its memo), so bounding each call alone is not enough:
+    1,500 calls on one shared 1 MiB string would decode 1.5 GB from a 2 MB file."""
+
+    ARRAYS_PER_BATCH = 2  # b'data', and b'labels' where a copy stores them as an array
+
+    def __init__(self, limit: int):
+        self.bytes_left = limit
+        self.arrays_left = 0
+
+    def start_batch(self) -> None:
+        self.arrays_left = self.ARRAYS_PER_BATCH
+
+    def spend(self, n: int, what: str) -> None:
+        self.bytes_left -= n
+        if self.bytes_left < 0:
+            raise pickle.UnpicklingError(f"{what}: the pickles decode to more bytes than they hold")
 
 
-def _empty_array(subtype: object, shape: object, dtype: object):
-    """numpy's `_reconstruct` as numpy pickles an array: an empty (0,) array that BUILD then fills
-    from bytes. A larger shape would allocate memory the pickle never paid for: refused."""
-    if subtype is not np.ndarray or shape != (0,):
-        raise pickle.UnpicklingError("forbidden array reconstruction")
-    return np.ndarray(shape, dtype)
+class _NdarrayClass:
+    """What `numpy.ndarray` unpickles to: only a name `_reconstruct` accepts, never a callable (called, numpy's
+    constructor takes any shape and strides: a zero-stride array of 300,000 images from a 3 KB pickle)."""
+
+
+_NDARRAY = _NdarrayClass()
+# The dtypes a CIFAR batch's arrays may have: plain numbers (an object dtype would unpickle a list of references).
+_DTYPES = {f"{kind}{size}" for kind in "iu" for size in (1, 2, 4, 8)} | {"f4", "f8", "b1"}
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickle only plain containers and numpy arrays: a CIFAR batch needs nothing else. The two
-    callables a numpy pickle needs are replaced by bounded versions of themselves."""
+    """Unpickle only plain containers and numpy arrays: a CIFAR batch needs nothing else. The callables a
+    numpy pickle needs are replaced by bounded versions of themselves, charged to the archive's `_Budget`."""
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): _empty_array,
-        ("numpy._core.multiarray", "_reconstruct"): _empty_array,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): _latin1_bytes,  # how Python 3 writes bytes in a protocol-2 pickle
-    }
+    def __init__(self, file, budget: _Budget, **kwargs):
+        super().__init__(file, **kwargs)
+        self.budget = budget
+        self._allowed = {
+            ("numpy.core.multiarray", "_reconstruct"): self._empty_array,
+            ("numpy._core.multiarray", "_reconstruct"): self._empty_array,
+            ("numpy", "ndarray"): _NDARRAY,
+            ("numpy", "dtype"): self._dtype,
+            ("_codecs", "encode"): self._latin1_bytes,  # how Python 3 writes bytes in a protocol-2 pickle
+        }
 
     def find_class(self, module: str, name: str):
-        if (module, name) not in self._ALLOWED:
+        if (module, name) not in self._allowed:
             raise pickle.UnpicklingError(f"forbidden object {module}.{name}")
-        return self._ALLOWED[module, name]
+        return self._allowed[module, name]
+
+    def _latin1_bytes(self, text: object, encoding: object = "latin1") -> bytes:
+        """`_codecs.encode` as Python 3 uses it to write bytes into a protocol-2 pickle, and only so: a str of
+        code points < 256 and 'latin1', its output charged to the budget. Anything else (other codecs, bytes
+        in, chained calls, which can grow the output exponentially) is refused."""
+        if type(text) is not str or encoding not in ("latin1", "latin-1") or len(text) > MAX_MEMBER_BYTES:
+            raise pickle.UnpicklingError("forbidden use of _codecs.encode")
+        self.budget.spend(len(text), "_codecs.encode")
+        return text.encode("latin1")
+
+    def _empty_array(self, subtype: object, shape: object, dtype: object) -> np.ndarray:
+        """numpy's `_reconstruct` as numpy pickles an array: an empty (0,) array of a plain dtype that BUILD
+        then fills from bytes the budget has paid for (its size must match them). A larger shape would
+        allocate memory the pickle never paid for: refused, as is more than a batch's arrays."""
+        placeholder = dtype in (b"b", "b")  # numpy's own: the real dtype comes with BUILD, through `_dtype`
+        if subtype is not _NDARRAY or shape != (0,) or not (
+                placeholder or isinstance(dtype, np.dtype) and dtype.str[1:] in _DTYPES):
+            raise pickle.UnpicklingError("forbidden array reconstruction")
+        self.budget.arrays_left -= 1
+        if self.budget.arrays_left < 0:
+            raise pickle.UnpicklingError(f"more than {_Budget.ARRAYS_PER_BATCH} arrays in one batch")
+        return np.ndarray(shape, "b" if placeholder else dtype)
+
+    @staticmethod
+    def _dtype(spec: object, align: object = False, copy: object = True) -> np.dtype:
+        if type(spec) is not str or spec.lstrip("<>|=") not in _DTYPES:
+            raise pickle.UnpicklingError(f"forbidden dtype {spec!r}")
+        return np.dtype(spec, bool(align), bool(copy))
 
 
 def _labels(name: str, labels: object, n: int) -> np.ndarray:
@@ -108,9 +153,10 @@ def _labels(name: str, labels: object, n: int) -> np.ndarray:
     return np.array(values, dtype=np.int64)
 
 
-def _parse_batch(name: str, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+def _parse_batch(name: str, raw: bytes, budget: _Budget) -> tuple[np.ndarray, np.ndarray]:
+    budget.start_batch()
     try:
-        batch = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        batch = _ArrayUnpickler(io.BytesIO(raw), budget, encoding="bytes").load()
     except Exception as err:  # any unpickling failure is a bad file, whatever its kind
         raise UserError(f"{name} is not a CIFAR-10 batch pickle ({err})") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
@@ -120,6 +166,8 @@ def _parse_batch(name: str, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
         shape = getattr(data, "shape", None)
         dtype = getattr(data, "dtype", type(data).__name__)
         raise UserError(f"{name}: b'data' must be a uint8 array of shape (N, 3072), got {dtype} {shape}")
+    if not data.flags.c_contiguous:
+        raise UserError(f"{name}: b'data' is not one contiguous array")
     return data, _labels(name, batch[b"labels"], len(data))
 
 
@@ -172,9 +220,6 @@ class _Bounded(io.RawIOBase):
 def _read_members_from_tar(path: Path) -> dict[str, bytes]:
     """The six batches, read in one streaming pass that goes on to the end of the gzip stream, so its
     CRC and length are checked (a flipped bit anywhere is an error, not silently changed pixels)."""
-    with open(path, "rb") as f:
-        if f.read(2) != b"\x1f\x8b":
-            raise UserError(f"{path} is not a gzip file (expected the CIFAR-10 python .tar.gz)")
     wanted = {f"{BATCH_DIR}/{n}": n for n in [*TRAIN_BATCHES, TEST_BATCH]}
     out: dict[str, bytes] = {}
     try:
@@ -202,13 +247,22 @@ def _read_members_from_tar(path: Path) -> dict[str, bytes]:
     return out
 
 
+def _gzip_header(path: Path) -> None:
+    with _reading(path), open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            raise UserError(f"{path} is not a gzip file (expected the CIFAR-10 python .tar.gz)")
+
+
 def checked_source(source: Path) -> Path:
-    """A regular file or a folder: anything else (a FIFO, a device) could block forever when read."""
+    """A regular file or a folder: anything else (a FIFO, a device) could block forever when read. A file's
+    gzip header is checked here, first: before it is hashed (20 GiB of something else took a minute)."""
     source = Path(source)
     if not source.exists():
         raise UserError(f"source not found: {source}")
     if not (source.is_file() or source.is_dir()):
         raise UserError(f"{source} is neither a regular file nor a folder")
+    if source.is_file():
+        _gzip_header(source)
     return source
 
 
@@ -219,15 +273,23 @@ def load_cifar(source: Path, expect_counts: tuple[int, int] = (50_000, 10_000)) 
         raw = _read_members_from_dir(source) if source.is_dir() else _read_members_from_tar(source)
     except OSError as err:  # unreadable file, I/O error: the source's fault, said in one line
         raise UserError(f"cannot read {err.filename or source}: {err.strerror or first_line(err)}") from None
-    train = [_parse_batch(n, raw[n]) for n in TRAIN_BATCHES]
-    test_x, test_y = _parse_batch(TEST_BATCH, raw[TEST_BATCH])
-    train_x = np.concatenate([x for x, _ in train])
-    train_y = np.concatenate([y for _, y in train])
-    if (len(train_x), len(test_x)) != tuple(expect_counts):
+    # Counted as each batch is parsed, before any is copied: a batch of more images than the split may hold
+    # is refused before the concatenation that would copy it out.
+    budget = _Budget(sum(len(r) for r in raw.values()))
+    train, seen = [], 0
+    for n in TRAIN_BATCHES:
+        train.append(_parse_batch(n, raw[n], budget))
+        seen += len(train[-1][0])
+        if seen > expect_counts[0]:
+            raise UserError(f"expected {expect_counts[0]} training images, found more ({seen} by {n})")
+    test_x, test_y = _parse_batch(TEST_BATCH, raw[TEST_BATCH], budget)
+    if (seen, len(test_x)) != tuple(expect_counts):
         raise UserError(
             f"expected {expect_counts[0]} training and {expect_counts[1]} test images, "
-            f"found {len(train_x)} and {len(test_x)}"
+            f"found {seen} and {len(test_x)}"
         )
+    train_x = np.concatenate([x for x, _ in train])
+    train_y = np.concatenate([y for _, y in train])
     return Cifar(train_x, train_y, test_x, test_y)
 
 

@@ -34,13 +34,13 @@ from .archive import (
 )
 from .beton_check import FORMAT_VERSION, MANIFEST, SPLITS, manifest_problem, structure_problem  # noqa: F401
 from .ffcv_threads import import_ffcv
+from .manifest import Manifest, read_manifest
 from .utils import (
     ArgumentParser,
     UserError,
     atomic_path,
     run_cli,
     sha256_file,
-    write_json_atomic,
 )
 
 
@@ -156,17 +156,6 @@ def beton_bytes(images: int, image_bytes: int = 32 * 32 * 3) -> int:
     return pages * PAGE_SIZE + 64 * images
 
 
-def check_free_space(data_dir: Path, counts: dict[str, int]) -> None:
-    """Refuse before writing when the betons cannot fit: FFCV would otherwise fail mid-write."""
-    import shutil
-
-    need = sum(beton_bytes(n) for n in counts.values())
-    free = shutil.disk_usage(data_dir).free
-    if free < need:
-        raise UserError(f"not enough space in {data_dir}: the betons need {need / 2**20:.1f} MiB, "
-                        f"{free / 2**20:.1f} MiB available")
-
-
 def _lock_holder(folder: Path) -> str:
     """The pid holding a flock on `folder`, from /proc/locks (Linux), or '?'."""
     try:
@@ -238,40 +227,69 @@ def build(
     data_dir = Path(data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(data_dir / ".write-test"):
-            pass
     except OSError as err:
         raise UserError(f"cannot write to data dir {data_dir}: {err.strerror or err}") from None
-    (data_dir / ".write-test").unlink(missing_ok=True)
     with conversion_lock(data_dir):
         return _build(source, data_dir, seed, val_per_class, expect_counts, force)
+
+
+OUTPUTS = (*(f"{split}.beton" for split in SPLITS), MANIFEST)
+FILES_NEEDED = 2 * len(OUTPUTS)  # inodes: each output's temporary, plus room for the write test and the rest
+
+
+def check_outputs(data_dir: Path, counts: dict[str, int]) -> None:
+    """Before any work: the folder is writable, every output's name is free or a regular file (a folder named
+    `train.beton` would fail the final rename after the whole conversion), and the file system has the
+    bytes (`beton_bytes`) and the inodes for the set."""
+    import shutil
+
+    try:
+        with atomic_path(data_dir / ".write-test"):
+            pass
+        (data_dir / ".write-test").unlink(missing_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot write to data dir {data_dir}: {err.strerror or err}") from None
+    for name in OUTPUTS:
+        path = data_dir / name
+        if os.path.lexists(path) and (path.is_symlink() or not path.is_file()):
+            raise UserError(f"{path} exists and is not a regular file: move it away, then convert again")
+    need = sum(beton_bytes(n) for n in counts.values())
+    free = shutil.disk_usage(data_dir).free
+    if free < need:
+        raise UserError(f"not enough space in {data_dir}: the betons need {need / 2**20:.1f} MiB, "
+                        f"{free / 2**20:.1f} MiB available")
+    stats = os.statvfs(data_dir)
+    if stats.f_files and stats.f_favail < FILES_NEEDED:  # f_files 0: the file system does not count inodes
+        raise UserError(f"no free inodes in {data_dir}: the betons and manifest need {FILES_NEEDED} files, "
+                        f"{stats.f_favail} available")
 
 
 def _build(source: Path | None, data_dir: Path, seed: int, val_per_class: int, expect_counts: tuple[int, int],
            force: bool) -> dict:
     # Under the lock no other conversion is writing here: every temporary file is a dead run's.
-    for name in [*(f"{split}.beton" for split in SPLITS), MANIFEST, ARCHIVE_NAME]:
+    for name in [*OUTPUTS, ARCHIVE_NAME]:
         for stale in data_dir.glob(f".{name}.*.tmp"):  # left by a killed run (see atomic_path)
             stale.unlink()
 
     if source is None:
         source = download_official(data_dir)
-    source = checked_source(source)
+    source = checked_source(source)  # cheap checks (a gzip header) before hashing gigabytes
     md5, sha = source_digests(source)
     request = _request(sha, seed, val_per_class)
 
+    # An up-to-date set is used as it is, even in a folder this user cannot write.
     if not force and manifest_problem(data_dir) is None:
-        manifest = json.loads((data_dir / MANIFEST).read_text())
-        if {k: manifest.get(k) for k in request} == request:
+        manifest = read_manifest(data_dir / MANIFEST)
+        if manifest.request() == request:
             print(f"{data_dir}: betons are up to date with {source} (split seed {seed}); nothing to do "
                   "(--force rebuilds)")
-            return manifest
+            return manifest.model_dump()
 
     cifar = load_cifar(source, expect_counts)
     if source.is_file() and md5 != OFFICIAL_MD5:
         print(f"note: {source} is not the official archive (md5 {md5}); using it since its layout is valid")
     train_idx, val_idx = stratified_split(cifar.train_y, seed, val_per_class)
-    check_free_space(data_dir, {"train": len(train_idx), "val": len(val_idx), "test": len(cifar.test_y)})
+    check_outputs(data_dir, {"train": len(train_idx), "val": len(val_idx), "test": len(cifar.test_y)})
     train_images = planes_to_hwc(cifar.train_x)
     test_images = planes_to_hwc(cifar.test_x)
     plan = {
@@ -283,12 +301,18 @@ def _build(source: Path | None, data_dir: Path, seed: int, val_per_class: int, e
     # The old manifest goes first: from here until the new one is written the set is incomplete.
     (data_dir / MANIFEST).unlink(missing_ok=True)
     splits, rows = {}, []
-    # ExitStack renames the three temporary files only once all are written; any failure removes them.
+    # Every file of the set, the manifest included, is written to its temporary before any is renamed (the
+    # manifest's entered first, so renamed last): a failure anywhere (no space, no inode, Ctrl-C) removes
+    # them all and leaves no manifest, so the set is complete with its manifest or not written at all.
     with contextlib.ExitStack() as stack:
+        manifest_tmp = stack.enter_context(atomic_path(data_dir / MANIFEST))
         for name, (images, labels, indices, origin) in plan.items():
             t0 = time.perf_counter()
             tmp = stack.enter_context(atomic_path(data_dir / f"{name}.beton"))
-            write_beton(tmp, images, labels, indices)
+            try:
+                write_beton(tmp, images, labels, indices)
+            except OSError as err:  # name the beton, never its temporary
+                raise OSError(err.errno, err.strerror, str(data_dir / f"{name}.beton")) from None
             seconds = time.perf_counter() - t0
             per_class = np.bincount(labels[indices], minlength=NUM_CLASSES)
             size = tmp.stat().st_size
@@ -302,16 +326,17 @@ def _build(source: Path | None, data_dir: Path, seed: int, val_per_class: int, e
             rows.append([name, f"{len(indices):,}", f"{per_class.min()}/{per_class.max()}",
                          f"{size / 2**20:.1f} MiB", f"{seconds:.1f}"])
 
-    manifest = {
-        **request,
-        "fastcifar_version": __version__,
-        "source": str(source),
-        "source_md5": md5,
-        "official_archive": md5 == OFFICIAL_MD5,
-        "counts": {s: splits[s]["images"] for s in SPLITS},
-        "splits": splits,
-    }
-    write_json_atomic(data_dir / MANIFEST, manifest)
+        manifest = {
+            **request,
+            "fastcifar_version": __version__,
+            "source": str(source),
+            "source_md5": md5,
+            "official_archive": md5 == OFFICIAL_MD5,
+            "counts": {s: splits[s]["images"] for s in SPLITS},
+            "splits": splits,
+        }
+        Manifest.model_validate(manifest)  # what the trainer will read back: checked before it is written
+        manifest_tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     print(_table(rows, ["split", "images", "class min/max", "size", "seconds"]))
     print(f"wrote {', '.join(f'{s}.beton' for s in SPLITS)} and {MANIFEST} to {data_dir}")
     return manifest

@@ -17,7 +17,6 @@ after normalisation), random 32x32 crop and horizontal flip. One module per pipe
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 
 from .beton_check import MANIFEST, SPLITS, manifest_problem, read_split
 from .loaders.ffcv_loader import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, LoaderThreadDied, make_loader
+from .manifest import read_manifest
 from .utils import UserError
 
 __all__ = ["LOADERS", "LoaderThreadDied", "check_betons", "make_loader", "make_loaders", "read_beton",
@@ -50,8 +50,8 @@ def check_betons(data_dir: Path) -> dict[str, int]:
 
 def split_sizes(data_dir: Path) -> dict[str, int]:
     """Each split's image count, from the manifest (that `check_betons` has verified)."""
-    manifest = json.loads((Path(data_dir) / MANIFEST).read_text())
-    return {split: int(manifest["splits"][split]["images"]) for split in SPLITS}
+    manifest = read_manifest(Path(data_dir) / MANIFEST)
+    return {split: manifest.split(split).images for split in SPLITS}
 
 
 def read_beton(path: Path, fields: tuple[str, ...] = ("image", "label", "index")) -> dict[str, np.ndarray]:

@@ -227,6 +227,7 @@ def environment(device: torch.device, module: str = "fastcifar.train", **setting
         **settings,
         "environment_variables": setting_variables(),
         "git_commit": git_commit(),
+        **({"run_id": os.environ["FASTCIFAR_RUN_ID"]} if os.environ.get("FASTCIFAR_RUN_ID") else {}),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         # a module name runs with -m, a script (tools/...) by its path
         "command": " ".join([Path(sys.executable).name, *([module] if module.endswith(".py") else ["-m", module]),

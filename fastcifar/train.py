@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import sys
 import time
@@ -40,7 +41,15 @@ from .profiling import (
     parse_profile_steps,
 )
 from .results import collect, epoch_line, summary_table, warm_up_line
-from .utils import ArgumentParser, UserError, atomic_path, plain_name, run_cli, writable_folder, write_json_atomic
+from .utils import (
+    ArgumentParser,
+    UserError,
+    atomic_path,
+    plain_name,
+    run_cli,
+    writable_file,
+    writable_folder,
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -293,6 +302,8 @@ def run(args: argparse.Namespace, entered: float) -> int:
     if ranks.main:
         for folder, what in [(args.out, "--out"), *([(profile_dir, "--profile-dir")] if profile else [])]:
             writable_folder(folder, what)
+        for suffix, what in ((".json", "the run's results"), (".pt", "the run's weights")):
+            writable_file(args.out / f"{run_name}{suffix}", what)
 
     compile_mode = args.compile_mode if args.compile else None
     precision = set_float32_precision(device, args.tf32)
@@ -403,9 +414,10 @@ def run(args: argparse.Namespace, entered: float) -> int:
     env["attainable_fp32"] = attainable_probe(device)
     results.update(run_utilisation(results, env["attainable_fp32"], args.batch_size, ranks.world_size))
     weights = args.out / f"{run_name}.pt"
-    with atomic_path(weights) as tmp:
-        torch.save(model.state_dict(), tmp)
-    write_json_atomic(args.out / f"{run_name}.json", results)
+    # Both written to temporaries before either is renamed: the weights never appear without their results.
+    with atomic_path(args.out / f"{run_name}.json") as results_tmp, atomic_path(weights) as weights_tmp:
+        torch.save(model.state_dict(), weights_tmp)
+        results_tmp.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nResNetV2-20 on CIFAR-10, {len(epochs)} epochs, {results['env']['device_name']}:")
     print(summary_table(results))
     print(f"results: {args.out / (run_name + '.json')}  weights: {weights}")

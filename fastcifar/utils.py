@@ -109,15 +109,25 @@ def atomic_path(final: Path) -> Iterator[Path]:
 
     An interrupted block (exception, Ctrl-C) removes the temporary file, so nothing that
     looks complete is ever left behind. A hard kill can leave a `*.tmp` file, never `final`.
+    An OSError on the temporary file (no space, no inode) or on the rename names `final`, the file
+    the user asked for, never the temporary.
     """
     final = Path(final)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(final)) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp_path, final)
+    except OSError as err:
+        tmp_path.unlink(missing_ok=True)
+        if err.filename in (tmp, str(tmp_path)) or err.filename2 == str(final):
+            raise OSError(err.errno, err.strerror, str(final)) from None
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -133,6 +143,18 @@ def writable_folder(folder: Path, what: str) -> Path:
     except OSError as err:
         raise UserError(f"cannot write to {what} {folder}: {err.strerror or err}") from None
     return folder
+
+
+def writable_file(path: Path, what: str) -> Path:
+    """Prove now, before the work, that `path` can be written: its folder is writable (`writable_folder`) and
+    the name is free or a regular file, never a folder, FIFO or device that the final rename would fail on
+    (or a FIFO would block) after minutes or hours of work."""
+    path = Path(path)
+    writable_folder(path.parent, "the output folder")
+    if os.path.lexists(path) and (path.is_symlink() or not path.is_file()):
+        kind = "a folder" if path.is_dir() else "a link" if path.is_symlink() else "not a regular file"
+        raise UserError(f"{what} {path} is {kind}: move it away or choose another name")
+    return path
 
 
 def plain_name(name: str, what: str) -> str:

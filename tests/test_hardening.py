@@ -354,7 +354,7 @@ def test_full_disk_is_refused_up_front_and_a_failing_writer_never_hangs(tiny_fs,
     one_line(result, "not enough space in")
     assert "MiB available" in result.stderr
     # without the up-front check the writer itself hits ENOSPC: one line, no temporary file, no hang
-    code = ("import sys; from fastcifar import betons; betons.check_free_space = lambda *a: None; "
+    code = ("import sys; from fastcifar import betons; betons.check_outputs = lambda *a: None; "
             "sys.argv[0] = 'make_beton'; betons.cli()")
     t0 = time.perf_counter()
     result = run([sys.executable, "-c", code, "--source", str(small_archive), "--data-dir", str(tiny_fs),

@@ -45,7 +45,7 @@ from ..precompile import batch_sizes, frozen, warm_up_run
 from ..profiling import StepTimer
 from ..reporting.stats import describe, percent_interval
 from ..train import adamw, train_epoch
-from ..utils import ArgumentParser, UserError, run_cli, writable_folder, write_json_atomic
+from ..utils import ArgumentParser, UserError, run_cli, writable_file, write_json_atomic
 
 # Forced variants of `ffcv` (end to end only): the pipeline and what make_loaders is given.
 VARIANTS = {"ffcv-inline": ("ffcv", {"ffcv_inline": True}), "ffcv-parallel": ("ffcv", {"ffcv_parallel": True})}
@@ -154,8 +154,9 @@ def add_utilisation(results: dict, compute: dict | None, probe: dict, batch: int
 
 
 def rotated(names: list[str], i: int) -> list[str]:
-    """Round i's order: the pipelines rotated by i, so each takes every place in the round in turn
-    (no pipeline always runs first, or always right after the same one)."""
+    """Round i's order: the pipelines rotated by i, so each takes every place in the round in turn (no
+    pipeline always runs first). A rotation keeps the cyclic order, so each pipeline still follows the same
+    one in every round but the one where it runs first."""
     return names[i % len(names):] + names[:i % len(names)]
 
 
@@ -211,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.end_to_end and "synthetic" not in names:
         names.append("synthetic")
     out = args.out or Path("results") / ("bench_end_to_end.json" if args.end_to_end else "bench_loader.json")
-    writable_folder(out.parent, "the output folder")  # now, not after minutes of benchmarking
+    writable_file(out, "the output file")  # now, not after minutes of benchmarking
 
     # The code and machine as they are at the start (a run takes minutes; a commit meanwhile is not it).
     env = environment(device, module="fastcifar.bench_loader", compile=args.compile, workers=args.workers,

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from ..devices import resolve_device
 from ..env import environment
-from ..reporting.schema import DATA_PIPELINE, PIECES
+from ..reporting.records import DATA_PIPELINE, PIECES
 from ..reporting.stats import describe
-from ..utils import ArgumentParser, UserError, child_env, run_cli, writable_folder, write_json_atomic
+from ..utils import ArgumentParser, UserError, child_env, run_cli, writable_file, write_json_atomic
 
 
 def one_run(data_dir: Path, cache: Path, trainer: list[str], out: Path, name: str) -> dict:
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1:
         raise UserError("--repeats must be at least 1")
-    writable_folder(args.out.parent, "the output folder")  # now, not after minutes of runs
+    writable_file(args.out, "the output file")  # now, not after minutes of runs
     trainer = args.trainer or ["--compile"]
     device = "cuda" if "cuda" in " ".join(trainer) else "auto"
     env = environment(resolve_device(device), module="fastcifar.bench_startup", trainer=trainer)

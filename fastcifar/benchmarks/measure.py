@@ -33,10 +33,13 @@ import argparse
 import importlib.util
 import shutil
 import sys
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..reporting.schema import Fields, read_json
+from .. import __version__
+from ..reporting import records
+from ..reporting.machines import belongs, machine_name
 from ..utils import ArgumentParser, UserError, child_env, plain_name, run_cli, write_json_atomic
 from .stages import StageRunner, check_budget, parse_stages
 
@@ -53,21 +56,21 @@ OUTPUT = {"warm-up": "cold-start.json", "spec": "spec/summary.json", "breakdown"
           "end-to-end-3": "end-to-end-processes/process-3.json", "startup": "bench_startup.json", "probe": "probe.json"}
 
 
-def commit_of(path: Path) -> str | None:
-    """The commit a results JSON (or a bench's summary: its runs) was measured at; None when it does not
-    exist. A file that cannot be read is an error (schema.read_json), not a stage to redo silently."""
-    data = read_json(path)
-    if path.name == "summary.json":
-        runs = sorted((path.parent / "runs").glob("*.json"))
-        commits = {commit_of(r) for r in runs}
-        return commits.pop() if len(commits) == 1 else None
-    if data is None:
-        return None
-    env = data.get("env") if isinstance(data, dict) else None
-    commit = env.get("git_commit") if isinstance(env, dict) else None
-    if not isinstance(commit, str):
-        raise UserError(f"{path}: field 'env.git_commit' must be a commit, got {commit!r}")
-    return commit
+# What each stage's output must pass to count as done: the record the renderer reads it as.
+MODELS = {"warm-up": records.Run, "spec": records.SpecSummary, "breakdown": records.BreakdownFile,
+          "floor": records.FloorFile, "loader": records.LoaderFile, "end-to-end": records.EndToEndFile,
+          "end-to-end-2": records.EndToEndFile, "end-to-end-3": records.EndToEndFile,
+          "startup": records.StartupFile, "probe": records.ProbeFile}
+RUN_ID = "FASTCIFAR_RUN_ID"  # set for every stage's process; recorded as env.run_id (env.environment)
+
+
+def valid_record(path: Path, model: type) -> tuple[object | None, str | None]:
+    """(the record, None), or (None, why it is not one) for a file that is missing or fails the renderer's checks."""
+    try:
+        record = records.read_record(path, model, path.parent)
+    except UserError as err:
+        return None, str(err)
+    return (record, None) if record is not None else (None, f"{path} does not exist")
 
 
 def probe(out: Path, device: str) -> None:
@@ -81,8 +84,8 @@ def probe(out: Path, device: str) -> None:
     dev = resolve_device(device)
     set_float32_precision(dev, tf32=False)
     env = environment(dev, module="fastcifar.measure")
-    # Five probes of 4 s each; the column's rate is their median (one probe's fastest call has moved by
-    # well over 10 % between processes on one machine): every utilisation of the column divides by it.
+    # Five probes of 4 s each; the column's rate is their median, all five kept (probes_gflops): every
+    # utilisation of the column divides by this one rate, so its figures compare with each other.
     rates = sorted((attainable_probe(dev, seconds=4.0) for _ in range(5)), key=lambda r: r["gflops"])
     record = flops_record(128)
     write_json_atomic(out, {"attainable_fp32": {**rates[2], "of": "the median of 5 probes"},
@@ -90,12 +93,13 @@ def probe(out: Path, device: str) -> None:
                             "flops": record, "torch_threads": torch.get_num_threads(), "env": env})
 
 
-def stale_runs(runs: Path, commit: str | None) -> list[Path]:
-    """Remove the spec runs measured at another commit (fastcifar.bench then runs those seeds again);
-    returns what was removed."""
+def stale_runs(runs: Path, same_code) -> list[Path]:
+    """Remove the spec runs not measured by this code (another commit, or another run id outside git) or that
+    fail the renderer's checks (fastcifar.bench then runs those seeds again); returns what was removed."""
     removed = []
     for path in sorted(runs.glob("*.json")):
-        if commit_of(path) != commit:
+        record, _ = valid_record(path, records.Run)
+        if record is None or not same_code(record.env):
             for f in runs.glob(path.stem + ".*"):
                 f.unlink()
                 removed.append(f)
@@ -103,39 +107,61 @@ def stale_runs(runs: Path, commit: str | None) -> list[Path]:
 
 
 class Measurement:
-    """The stages of one `make results`: which are done at this commit (resumption), their estimates,
-    and `measure.json` (the stages' results, rewritten after every stage by the runner)."""
+    """The stages of one `make results`: which are done by this code on this machine (resumption), their
+    estimates, and `measure.json` (the stages' results, rewritten after every stage by the runner).
+
+    The code is identified by its commit in a checkout; in an installed copy outside git, where records carry
+    no commit, by the package's version and a run id: a random id this measurement records in measure.json
+    and passes to every stage's process (FASTCIFAR_RUN_ID, recorded as env.run_id). A later `make results`
+    with the same version resumes that run id; a stage counts as done only when its file passes the checks
+    the renderer applies, was measured on this column's machine and by this code."""
 
     def __init__(self, args: argparse.Namespace, folder: Path, commit: str | None, cache: Path):
         self.args, self.folder, self.commit, self.cache = args, folder, commit, cache
+        previous, _ = valid_record(folder / "measure.json", records.MeasureFile)
+        self.run_id = (previous.run_id if previous is not None and previous.run_id and previous.commit == commit
+                       and previous.fastcifar == __version__ else uuid.uuid4().hex[:12])
         self.runner = StageRunner(folder, args.budget_s or None, self.report, self.estimate, self.done, echo=True)
 
+    def same_code(self, env: records.Env) -> bool:
+        if self.commit is not None:
+            return env.git_commit == self.commit
+        return env.run_id == self.run_id and env.fastcifar == __version__
+
     def report(self, stages: dict) -> None:
-        write_json_atomic(self.folder / "measure.json", {"commit": self.commit, "stages": stages})
+        write_json_atomic(self.folder / "measure.json", {"commit": self.commit, "fastcifar": __version__,
+                                                         "run_id": self.run_id, "stages": stages})
 
     def done(self, name: str) -> str | None:
-        """Why the stage needs no run: its output exists from this commit (for the spec: all --seeds runs of it)."""
+        """Why the stage needs no run: its output passes the renderer's checks, on this machine, by this code
+        (for the spec: all --seeds runs of it too)."""
         path = self.folder / OUTPUT[name]
         if name == "spec":
-            runs = [p for p in (self.folder / "spec" / "runs").glob("*.json") if commit_of(p) == self.commit]
+            runs = [r for r in (valid_record(p, records.Run)[0] for p in (self.folder / "spec" / "runs").glob("*.json"))
+                    if r is not None and self.same_code(r.env)]
             if len(runs) < self.args.seeds:
                 return None
-        if path.is_file() and self.commit is not None and commit_of(path) == self.commit:
-            return f"done at this commit: {path}"
-        return None
+            return f"done by this code: {len(runs)} runs in {path.parent / 'runs'}"
+        record, why = valid_record(path, MODELS[name])
+        if record is None:
+            if path.exists():
+                print(f"measuring {name} again: {why}", flush=True)
+            return None
+        if record.env.machine is not None and not belongs(record.env, self.folder.name):
+            return None
+        return f"done by this code: {path}" if self.same_code(record.env) else None
 
     def estimate(self, name: str) -> float:
-        cold = read_json(self.folder / OUTPUT["warm-up"])
+        cold, _ = valid_record(self.folder / OUTPUT["warm-up"], records.Run)
         if name == "spec" and cold is not None:
-            epoch = Fields(self.folder / OUTPUT["warm-up"], cold).seconds("epoch_time_s")
-            return self.args.seeds * (10 * epoch + 120)
+            return self.args.seeds * (10 * cold.epoch_time_s + 120)
         return ESTIMATE_S[name]
 
     def run(self, i: int, name: str, cmd: list[str]) -> bool:
         tag = f"[{i}/{len(self.args.stage_list)} {name}]"
         if not self.done(name):  # the runner asks again (its own check), and then says why it skips
             print(f"{tag} ~{self.estimate(name) / 60:.0f} min", flush=True)
-        ok = self.runner.run(name, cmd, child_env(self.cache), tag=tag)
+        ok = self.runner.run(name, cmd, {**child_env(self.cache), RUN_ID: self.run_id}, tag=tag)
         return ok and (self.runner.stages[name]["rc"] == "kept" or (self.folder / OUTPUT[name]).is_file())
 
 
@@ -173,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="fastcifar.measure", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="betons from tools/make_beton.py")
     p.add_argument("--out", type=Path, default=Path("docs/results"), help="results root: OUT/<machine>/")
-    p.add_argument("--machine", default=None, help="the machine's folder name (default: from its CPU/GPU model)")
+    p.add_argument("--machine", default=None, help="this machine's folder (derived; another's is refused)")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda")
     p.add_argument("--seeds", type=int, default=3, help="spec runs, seeds 0..N-1")
     p.add_argument("--e2e-repeats", type=int, default=20, help="end to end: rounds per process")
@@ -198,7 +224,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..data import check_betons
     from ..devices import resolve_device
     from ..env import environment, git_commit
-    from ..reporting.machines import machine_name
 
     commit = git_commit()
     if commit and commit.endswith("+dirty") and not args.allow_dirty:
@@ -206,7 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "or pass --allow-dirty")
     check_betons(args.data_dir)  # one line now, not a failed stage later
     env = environment(resolve_device(args.device), module="fastcifar.measure")
-    name = args.machine or machine_name(env)
+    name = machine_name(env)
+    if args.machine is not None and args.machine != name:
+        raise UserError(f"--machine {args.machine}: this machine's column is {name!r} (from its CPU or GPU, "
+                        "family and model): a column holds one machine's figures")
     folder = args.out / name
     try:
         (folder / "logs").mkdir(parents=True, exist_ok=True)
@@ -223,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if stage == "warm-up" and not m.done(stage):
             shutil.rmtree(cache, ignore_errors=True)  # a cold start is one with empty caches
         if stage == "spec" and not m.done(stage):
-            stale_runs(folder / "spec" / "runs", commit)
+            stale_runs(folder / "spec" / "runs", m.same_code)
         if not m.run(i, stage, commands(stage, args, folder)):
             failed += [] if m.runner.stages[stage]["rc"] == "skipped" else [stage]
     stages = m.runner.stages

@@ -42,10 +42,10 @@ from torch import nn
 from ..devices import resolve_device, synchronize
 from ..env import environment, set_cudnn, set_float32_precision
 from ..model import resnetv2_20
-from ..reporting.schema import check_floor, read_checked
+from ..reporting import records as typed
 from ..reporting.stats import describe, prediction95
 from ..train import adamw
-from ..utils import ArgumentParser, UserError, run_cli, writable_folder, write_json_atomic
+from ..utils import ArgumentParser, UserError, run_cli, writable_file, writable_folder, write_json_atomic
 from .step_limit import bandwidth_gbs, best_ms, conv_limit, conv_shapes, elementwise_bytes
 
 CATEGORIES = ["convolution forward", "convolution backward", "element-wise, compiled (forward)",
@@ -212,7 +212,8 @@ def floor_record(rounds_ms: list[float], batch: int, steps: int, train_step_flop
     ci = stats["ci95"] if len(rounds_ms) > 1 else None
     return {"step_ms": stats["mean"], "step_ms_ci95": ci, "step_ms_per_round": rounds_ms,
             "images_per_s": batch / (stats["mean"] / 1e3),
-            "images_per_s_ci95": [batch / (ci[1] / 1e3), batch / (ci[0] / 1e3)] if ci else None,
+            # a step interval reaching 0 ms or below (two rounds far apart) has no images/s interval
+            "images_per_s_ci95": [batch / (ci[1] / 1e3), batch / (ci[0] / 1e3)] if ci and ci[0] > 0 else None,
             "rounds": len(rounds_ms), "steps_per_round": steps,
             "gflops": train_step_flops / (stats["mean"] / 1e3) / 1e9}
 
@@ -244,21 +245,21 @@ def pooled_floor(args: argparse.Namespace) -> dict:
         rc = subprocess.run(cmd).returncode
         if rc:
             raise UserError(f"the floor's process {k} failed (exit {rc}); nothing pooled")
-        record = read_checked(out, check_floor)
+        record = typed.read_record(out, typed.FloorFile)
         if record is None:
             raise UserError(f"the floor's process {k} wrote no {out}; nothing pooled")
         records.append(record)
-    steps = [r["floor"]["step_ms"] for r in records]
+    steps = [r.floor.step_ms for r in records]
     pi = prediction95(steps)
     first = records[0]
-    floor = {**floor_record(steps, args.batch_size, args.steps, first["flops"]["train_step"]),
+    floor = {**floor_record(steps, args.batch_size, args.steps, first.flops.train_step),
              "step_ms_per_process": steps, "step_ms_pi95": pi, "processes": args.processes,
              "images_per_s_pi95": [args.batch_size / (pi[1] / 1e3), args.batch_size / (pi[0] / 1e3)]
              if pi and pi[0] > 0 else None,
              "rounds": args.rounds, "files": [f"{folder.name}/process-{k}.json" for k in range(1, args.processes + 1)]}
     del floor["step_ms_per_round"]
     return {"batch": args.batch_size, "distinct_batches": args.distinct_batches, "floor": floor,
-            "flops": first["flops"]}
+            "flops": {"train_step": first.flops.train_step}}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -357,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("batch_size", "rounds", "steps", "profile_steps", "calls", "distinct_batches", "processes"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    writable_folder(args.out.parent, "the output folder")
+    writable_file(args.out, "the output file")
     device = resolve_device(args.device)
     set_float32_precision(device, tf32=False)
     set_cudnn(device, deterministic=False)

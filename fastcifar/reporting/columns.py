@@ -1,64 +1,152 @@
-"""A column of the results tables: one machine's folder under docs/results/, its files read and checked
-(schema.py) — a bad file refuses the column, it is never dropped — and what the column says of itself."""
+"""A column of the results tables: one machine's folder under docs/results/, its files read as typed records
+(records.py) — a bad file refuses the column, it is never dropped — and what the column says of itself."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from ..utils import UserError
-from . import schema
-from .machines import isa_tag
+from . import records
+from .machines import belongs, isa_tag, machine_name, note_machine_name
+
+# startup/: bench_startup's files, except the runs of the trainer and a trial of its own.
+STARTUP_FILES = {"before-1-epoch.json": records.Run, "spec-seed1-1-epoch.json": records.Run,
+                 "try_precompile.json": records.PrecompileFile}
+
+
+def _short(commit: str | None) -> str:
+    commit = commit or "unknown"
+    return commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
 
 ISA_NAMES = {"amx": "AVX-512 + AMX", "avx512": "AVX-512", "avx2": "AVX2", "sve": "SVE", "neon": "NEON", "sse": "SSE"}
 
 
 class Machine:
-    """One folder of docs/results/: what `fastcifar.measure` wrote there (or an earlier layout of it)."""
+    """One folder of docs/results/: what `fastcifar.measure` wrote there (or an earlier layout of it), read as
+    typed records (records.py). A column is one machine: every file that records its machine derives the
+    folder's name (machines.machine_name), and a file that predates `env.machine` is attributed by the
+    folder's machine.json, which derives it too. The files `make results` writes are of one commit; evidence
+    folders (option sweeps, forced candidates, start-up rounds) keep their own and are rendered with it."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, root: Path | None = None):
         self.folder, self.name = folder, folder.name
-        runs = sorted((folder / "spec" / "runs").glob("*.json"))
-        self.runs = [schema.read_checked(p, schema.check_run) for p in runs]
-        self.loader = schema.read_checked(folder / "bench_loader.json", schema.check_loader)
-        self.e2e = schema.read_checked(folder / "bench_end_to_end.json", schema.check_end_to_end)
-        self.startup = schema.read_checked(folder / "bench_startup.json", schema.check_startup)
-        self.cold = schema.read_checked(folder / "cold-start.json", schema.check_run)
-        self.probe = schema.read_checked(folder / "probe.json", schema.check_probe)
-        self.breakdown = schema.read_checked(folder / "step_breakdown.json", schema.check_breakdown)
-        self.floor = schema.read_checked(folder / "floor.json", schema.check_floor)
+        self.root = root if root is not None else folder.parent
+
+        def read(path: Path, model: type) -> object:
+            return records.read_record(path, model, self.root)
+
+        self.run_paths = sorted((folder / "spec" / "runs").glob("*.json"))
+        self.runs = [read(p, records.Run) for p in self.run_paths]
+        self.loader = read(folder / "bench_loader.json", records.LoaderFile)
+        self.e2e = read(folder / "bench_end_to_end.json", records.EndToEndFile)
+        self.startup = read(folder / "bench_startup.json", records.StartupFile)
+        self.cold = read(folder / "cold-start.json", records.Run)
+        self.probe = read(folder / "probe.json", records.ProbeFile)
+        self.breakdown = read(folder / "step_breakdown.json", records.BreakdownFile)
+        self.floor = read(folder / "floor.json", records.FloorFile)
         # end to end in further separate processes (make results' end-to-end-2, -3), beside self.e2e's
-        self.e2e_processes = [(p, schema.read_checked(p, schema.check_end_to_end))
+        self.e2e_processes = [(p, read(p, records.EndToEndFile))
                               for p in sorted((folder / "end-to-end-processes").glob("*.json"))]
-        self.note = schema.read_checked(folder / "machine.json", schema.check_machine_note) or {}
-        files = [*self.runs, self.loader, self.e2e, self.startup, self.cold, self.probe, self.breakdown, self.floor]
-        self.envs = [f["env"] for f in files if f and "env" in f]
+        self.floor_processes = [(p, read(p, records.FloorFile))
+                                for p in sorted((folder / "floor-processes").glob("*.json"))]
+        self.measure = read(folder / "measure.json", records.MeasureFile)
+        self.summary = read(folder / "spec" / "summary.json", records.SpecSummary)
+        self.note = read(folder / "machine.json", records.MachineNote) or {}
+        # Evidence kept beside the column, each file with its own commit (rendered with it).
+        self.candidates = [(p, read(p, records.EndToEndFile))
+                           for p in sorted((folder / "end-to-end-candidates").glob("*.json"))]
+        self.option_sweeps = [(f, [(p, read(p, records.BreakdownFile)) for p in sorted(f.glob("*.json"))
+                                   if p.name != "options.json"])
+                              for f in sorted(folder.glob("step-options*")) if f.is_dir()]
+        self.startup_before = read(folder / "startup" / "before-compile.json", records.StartupFile)
+        startup = folder / "startup"
+        self.startup_files = {p.name: read(p, STARTUP_FILES.get(p.name, records.StartupFile))
+                              for p in sorted(startup.glob("*.json"))}
+        self.options = [(p, read(p, records.LoaderFile)) for p in sorted((folder / "options").glob("*.json"))]
+        self.setup = read(folder / "setup.json", records.SetupFile)
+        main = [(p, r) for p, r in [*zip(self.run_paths, self.runs, strict=True),
+                                    (folder / "bench_loader.json", self.loader),
+                                    (folder / "bench_end_to_end.json", self.e2e),
+                                    (folder / "bench_startup.json", self.startup),
+                                    (folder / "cold-start.json", self.cold), (folder / "probe.json", self.probe),
+                                    (folder / "step_breakdown.json", self.breakdown),
+                                    (folder / "floor.json", self.floor), *self.e2e_processes,
+                                    *self.floor_processes] if r is not None]
+        evidence = [*self.candidates, *(pr for _, sweep in self.option_sweeps for pr in sweep), *self.options,
+                    *((startup / name, r) for name, r in self.startup_files.items()),
+                    *([(folder / "setup.json", self.setup)] if self.setup else [])]
+        self.envs = [r.env for _, r in main]
         if not self.envs:
             raise UserError(f"{folder}: no results JSON with an env")
-        if not any("machine" in e for e in self.envs) and not self.note:
-            raise UserError(f"{folder}: no record of the machine: its JSONs predate env.machine and machine.json "
-                            "is missing")
+        self._check_machine([*main, *evidence])
         self._check_seeds()
+        self._check_pooled()
         commits = self.commits()
         if len(commits) > 1 and not set(commits) <= set(self.note.get("commits") or []):
-            raise UserError(f"{folder}: its JSONs were measured at several commits ({', '.join(commits)}): "
-                            "a column is measured at one (make results), or its machine.json lists them")
+            column = Counter(_short(r.env.git_commit) for _, r in main).most_common(1)[0][0]
+            where, other = next((p, _short(r.env.git_commit)) for p, r in main if _short(r.env.git_commit) != column)
+            raise UserError(f"{where}: measured at {other}, the column's other files at {column}: a column is "
+                            "measured at one commit (make results), or its machine.json lists them")
+
+    def _check_machine(self, files: list[tuple[Path, object]]) -> None:
+        """Every file's machine derives this folder's name; files without one need machine.json, which must too."""
+        if self.note:
+            derived = note_machine_name(self.note)
+            if derived != self.name:
+                raise UserError(f"{self.folder / 'machine.json'}: describes the machine {derived!r}, not {self.name!r}")
+        for path, record in files:
+            env = record.env
+            if env.machine is None:
+                if not self.note:
+                    raise UserError(f"{path}: records no machine (it predates env.machine) and "
+                                    f"{self.folder / 'machine.json'} is missing")
+                continue
+            if not belongs(env, self.name):
+                raise UserError(f"{path}: measured on {machine_name(env)!r}, not on this column's machine "
+                                f"{self.name!r}")
 
     def _check_seeds(self) -> None:
-        """The spec's seeds: each once, 0..N-1 without a gap, and those its summary.json aggregated."""
-        seeds = sorted(r["config"]["seed"] for r in self.runs)
+        """The spec's seeds: each once, 0..N-1 without a gap, one loader, one batch, named by loader and
+        seed, and those its summary.json aggregated."""
         where = self.folder / "spec" / "runs"
+        for path, run in zip(self.run_paths, self.runs, strict=True):
+            if path.stem != f"{run.config.loader}-seed{run.config.seed}":
+                raise UserError(f"{path}: records config.loader {run.config.loader!r} and config.seed "
+                                f"{run.config.seed}, not what its name says")
+        loaders = sorted({r.config.loader for r in self.runs})
+        if len(loaders) > 1:
+            raise UserError(f"{where}: runs of several loaders ({', '.join(loaders)}) in one spec")
+        batches = sorted({r.config.batch_size for r in self.runs}
+                         | {f.batch for f in (self.breakdown, self.floor) if f is not None})
+        if len(batches) > 1:
+            raise UserError(f"{where}: batch sizes {', '.join(map(str, batches))} in one column "
+                            "(spec runs, step_breakdown.json, floor.json)")
+        seeds = sorted(r.config.seed for r in self.runs)
         if len(set(seeds)) != len(seeds):
             raise UserError(f"{where}: a seed appears twice ({', '.join(map(str, seeds))})")
         if seeds and seeds != list(range(len(seeds))):
             raise UserError(f"{where}: seeds {', '.join(map(str, seeds))} are not 0..{len(seeds) - 1}: "
                             "a run is missing")
-        summary = schema.read_json(self.folder / "spec" / "summary.json")
-        if self.runs and isinstance(summary, dict):
-            told = sorted(s for group in (summary.get("loaders") or {}).values() if isinstance(group, dict)
-                          for s in group.get("seeds") or [])
+        if self.runs and self.summary is not None:
+            told = sorted(s for group in self.summary.loaders.values() for s in group.seeds)
             if told and told != seeds:
                 raise UserError(f"{where}: holds seeds {', '.join(map(str, seeds))}, its summary.json aggregated "
                                 f"{', '.join(map(str, told))}")
+
+    def _check_pooled(self) -> None:
+        """floor.json's pooled floor is the mean of the floor-processes/ files it names, value by value."""
+        if not (self.floor and self.floor.floor.processes):
+            return
+        pooled = self.floor.floor
+        by_name = {f"floor-processes/{p.name}": r for p, r in self.floor_processes}
+        for k, (name, value) in enumerate(zip(pooled.files or [], pooled.step_ms_per_process, strict=True)):
+            held = by_name.get(name)
+            if held is None:
+                raise UserError(f"{self.folder / 'floor.json'}: pools {name}, which is missing")
+            if not records.close(held.floor.step_ms, value, rel=1e-9):
+                raise UserError(f"{self.folder / 'floor.json'}: field 'floor.step_ms_per_process.{k}' is {value:g}, "
+                                f"{name} holds {held.floor.step_ms:g}")
 
     def compute_floor(self) -> dict | None:
         """The column's compute-only floor: several processes pooled (floor.json) where measured, else the
@@ -87,15 +175,14 @@ class Machine:
         return self.probe["attainable_fp32"]["gflops"] if self.probe else None
 
     @property
-    def env(self) -> dict:
+    def env(self) -> records.Env:
         """The newest env that records the machine, else the first."""
-        return next((e for e in self.envs if "machine" in e), self.envs[0])
+        return next((e for e in self.envs if e.machine is not None), self.envs[0])
 
     def commits(self) -> list[str]:
         seen: list[str] = []
         for env in self.envs:
-            commit = (env.get("git_commit") or "unknown")
-            short = commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
+            short = _short(env.git_commit)
             if short not in seen:
                 seen.append(short)
         return seen
@@ -119,7 +206,7 @@ class Machine:
 
 def machines(root: Path) -> list[Machine]:
     """Every machine folder under root, newest first (then by name: a stable order)."""
-    found = [Machine(p) for p in sorted(root.iterdir()) if p.is_dir() and any(p.glob("*.json"))]
+    found = [Machine(p, root) for p in sorted(root.iterdir()) if p.is_dir() and any(p.glob("*.json"))]
     if not found:
         raise UserError(f"no machine folders with results under {root}: run make results")
     return sorted(found, key=lambda m: (m.date(), m.name), reverse=True)

@@ -10,16 +10,30 @@ nothing and exits 1 when a document differs from what the JSONs give (tests/test
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import signal
 import sys
+import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..utils import ArgumentParser, UserError, atomic_path, run_cli
-from . import schema
+from ..utils import ArgumentParser, UserError, run_cli
 from .columns import Machine, machines
 from .stats import describe
-from .tables import ci95, details, pm, spec_stats, startup_before_after, startup_stats, step_options
+from .tables import (
+    bench_options,
+    ci95,
+    details,
+    pm,
+    spec_stats,
+    startup_before_after,
+    startup_first_round,
+    startup_stats,
+    step_options,
+)
 
 # name -> (comparison, bound, unit): the targets docs/benchmarks.md defines; labels and verdicts derive from them.
 TARGETS = {
@@ -30,6 +44,7 @@ TARGETS = {
     "utilisation": (">=", 0.65, "%"),  # compute-only floor / attainable fp32 rate
     "step_limit": ("<=", 1.25, "×"),  # the compute-only step / its own limit (step_breakdown)
 }
+MAX_DOCUMENT_BYTES = 4 << 20
 START, END = "<!-- rendered from docs/results/ by `make docs`: {} -->", "<!-- end of rendered: {} -->"
 
 
@@ -69,14 +84,15 @@ def _spec_cell(key: str, fmt: str, unit: str, scale: float = 1.0) -> Callable[[M
 def loader_ratio(m: Machine) -> tuple[float, list[float] | None] | None:
     """ffcv / torch images/s and a conservative 95 % interval: the ratio of the per-epoch rates'
     interval ends (ffcv's low end over torch's high end, and the reverse)."""
-    if not m.loader or "ffcv" not in m.loader or "torch" not in m.loader:
+    if not m.loader or "ffcv" not in m.loader.pipelines or "torch" not in m.loader.pipelines:
         return None
+    pipelines = m.loader.pipelines
 
     def rates(r: dict) -> dict:
         return describe([r["images_per_epoch"] / s for s in r["epoch_seconds"]])
 
-    f, t = rates(m.loader["ffcv"]), rates(m.loader["torch"])
-    ratio = m.loader["ffcv"]["images_per_s"] / m.loader["torch"]["images_per_s"]
+    f, t = rates(pipelines["ffcv"]), rates(pipelines["torch"])
+    ratio = pipelines["ffcv"]["images_per_s"] / pipelines["torch"]["images_per_s"]
     if f["n"] < 2 or t["n"] < 2:
         return ratio, None
     return ratio, [f["ci95"][0] / t["ci95"][1], f["ci95"][1] / t["ci95"][0]]
@@ -87,20 +103,20 @@ def cell_loader(m: Machine) -> str:
     if got is None:
         return "not measured"
     ratio, ci = got
-    return (f"{m.loader['ffcv']['images_per_s']:,.0f} images/s, {ratio:.2f}× `torch` "
+    return (f"{m.loader.pipelines['ffcv']['images_per_s']:,.0f} images/s, {ratio:.2f}× `torch` "
             f"({ci95(ci, '.2f', unit='×')}): {target_verdict('loader', ci)}")
 
 
 def cell_e2e(m: Machine) -> str:
     """The column's end-to-end process; where more processes were measured (end-to-end-processes/), the
     verdict is every process's: met only when each one's interval lies below the target."""
-    if not m.e2e or "ffcv" not in m.e2e:
+    if not m.e2e or "ffcv" not in m.e2e.pipelines:
         return "not measured"
-    r, rounds = m.e2e["ffcv"], m.e2e["ffcv"].get("epochs_timed")
+    r, rounds = m.e2e.pipelines["ffcv"], m.e2e.pipelines["ffcv"].get("epochs_timed")
     ci = r.get("overhead_vs_synthetic_ci95")
     cell = (f"{100 * r['overhead_vs_synthetic']:+.1f} % ({ci95(ci, '+.1f', 100, ' %')}; {rounds} rounds of "
             f"{r['train_images'] // 128 + bool(r['train_images'] % 128)} steps)")
-    others = [data["ffcv"] for _, data in m.e2e_processes if "ffcv" in data]
+    others = [data.pipelines["ffcv"] for _, data in m.e2e_processes if "ffcv" in data.pipelines]
     if not others:
         return f"{cell}: {target_verdict('end_to_end', ci)}"
     verdicts = [target_verdict("end_to_end", o.get("overhead_vs_synthetic_ci95")) for o in [r, *others]]
@@ -144,7 +160,7 @@ def cell_utilisation(m: Machine) -> str:
 
 def cell_epoch_utilisation(m: Machine) -> str:
     rate = m.rate()
-    gflops = [r["utilisation"]["mean_epoch"]["gflops"] for r in m.runs if "utilisation" in r]
+    gflops = [r.utilisation.mean_epoch.gflops for r in m.runs if r.utilisation is not None]
     if not (gflops and rate):
         return "not measured"
     return f"{pm(describe([g / rate for g in gflops]), '.1f', 100)} % ({describe(gflops)['mean']:.0f} GFLOP/s)"
@@ -212,13 +228,12 @@ def _summary_cells(m: Machine) -> list[str]:
         return stats["mean"] if stats else None
 
     total, epoch, test = mean("total_training_time_s"), mean("epoch_time_s"), mean("test_accuracy")
-    gflops = [r["utilisation"]["mean_epoch"]["gflops"] for r in m.runs if "utilisation" in r]
+    gflops = [r.utilisation.mean_epoch.gflops for r in m.runs if r.utilisation is not None]
     rate = m.rate()
     warm = startup_stats(m, "startup_s")
     ratio = loader_ratio(m)
-    e2e = (m.e2e or {}).get("ffcv")
-    stages = ((schema.read_json(m.folder / "measure.json") or {}).get("stages") or {})
-    took = sum(s.get("seconds", 0) for s in stages.values() if isinstance(s, dict))
+    e2e = m.e2e.pipelines.get("ffcv") if m.e2e else None
+    took = sum(s.seconds or 0 for s in m.measure.stages.values()) if m.measure else 0
     na = "not measured"
     return [
         f"{total / 60:.1f} min ({len(m.runs)} seeds)" if total else na,
@@ -230,14 +245,27 @@ def _summary_cells(m: Machine) -> list[str]:
         f"{ratio[0]:.1f}× the DataLoader's images/s" if ratio else na,
         f"{100 * e2e['overhead_vs_synthetic']:+.1f} % epoch time" if e2e else na,
         f"{took / 60:.0f} min" if took else "– (measured before `make results`)",
+        _setup_cell(m),
         _step_vs_limit(m) if m.breakdown else na,
     ]
+
+
+def _setup_cell(m: Machine) -> str:
+    """`make setup` from a fresh clone (setup.json, its own commit): time, the .venv's size, torch's build, and
+    whether apt's packages were already there (their download and install are not in the time then)."""
+    s = m.setup
+    if s is None:
+        return "not measured"
+    apt = "apt's packages already present" if all(s.apt_packages_present_before.values()) else "apt included"
+    return (f"{s.seconds / 60:.1f} min, `.venv/` {s.venv_bytes / 2**30:.1f} GiB with torch's {s.torch_build} "
+            f"build ({apt}; at {(s.env.git_commit or '?')[:7]})")
 
 
 SUMMARY = ["a spec run: 10 epochs, process start → last validation", "one epoch (45,000 images)",
            "test accuracy (10,000 images)", "training speed: of the CPU's measured limit",
            "start-up to the first step, `--compile`", "`ffcv` loader alone, vs PyTorch's DataLoader",
            "`ffcv` in training, vs no loading at all (`synthetic`)", "`make results` took",
+           "`make setup` from a fresh clone (its own commit)",
            "a compiled training step (batch 128), vs its own limit"]
 
 
@@ -250,8 +278,9 @@ def summary(ms: list[Machine]) -> str:
 
 
 SECTIONS = {"README.md": {"summary": summary},
-            "docs/benchmarks.md": {"headline": headline, "step-options": step_options, "details": details},
-            "docs/startup.md": {"before-after": startup_before_after}}
+            "docs/benchmarks.md": {"headline": headline, "step-options": step_options, "bench-options": bench_options,
+                                   "details": details},
+            "docs/startup.md": {"before-after": startup_before_after, "first-round": startup_first_round}}
 
 
 def render_text(text: str, ms: list[Machine], sections: dict[str, Callable[[list[Machine]], str]], where: str) -> str:
@@ -269,26 +298,116 @@ def render_text(text: str, ms: list[Machine], sections: dict[str, Callable[[list
     return text
 
 
+def _replaceable(path: Path) -> None:
+    """Refuse, before any document is written, one that could not be replaced: its folder must take a new
+    file and the document itself be writable (an immutable or read-only file refuses to be opened so)."""
+    try:
+        with open(path, "r+b"):
+            pass
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"{path}: cannot be replaced ({err.strerror or err}); no document was written") from None
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM held inside the block and delivered as soon as it ends: the documents are swapped in
+    all together, never some of them. Python-level handlers that record the signal (blocking it in this thread
+    alone would let another thread of the process take it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in got:
+            signal.raise_signal(s)
+
+
+def write_all(changed: dict[Path, str]) -> None:
+    """All or none: every document checked replaceable, then written to a temporary beside it, then, with
+    SIGINT and SIGTERM held, all renamed over their documents; any failure before the renames removes every
+    temporary and leaves every document as it was."""
+    for path in changed:
+        _replaceable(path)
+    temps: dict[Path, Path] = {}
+    try:
+        for path, text in changed.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            temps[path] = Path(tmp)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        with _signals_held():
+            for path, tmp in temps.items():
+                os.replace(tmp, path)
+    except OSError as err:
+        raise UserError(f"cannot write the documents ({err.strerror or err}: {err.filename}); "
+                        "none was replaced") from None
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """The temporaries a killed render left (SIGKILL cannot be held): the render lock is ours, so none is live."""
+    for name in SECTIONS:
+        path = root / name
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _render_lock(root: Path):
+    """One render of a checkout at a time (a second one's temporaries would otherwise be taken for stale)."""
+    import fcntl
+
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another render is writing the documents of {root}; wait for it") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def render(root: Path, results: Path, check: bool = False) -> list[Path]:
     """Re-render the documents under root from results/; returns those that changed (check: would change).
-    All or none: every document is rendered before any is written."""
+    All or none: every document is rendered, and checked replaceable, before any is written (`write_all`)."""
     ms = machines(results)
     changed: dict[Path, str] = {}
     for name, sections in SECTIONS.items():
         path = root / name
+        if os.path.lexists(path) and not path.is_file():
+            raise UserError(f"{path}: not a regular file")
         try:
-            old = path.read_bytes().decode("utf-8")
+            with open(path, "rb") as f:
+                raw = f.read(MAX_DOCUMENT_BYTES + 1)
         except FileNotFoundError:
             raise UserError(f"{path} not found: run from a checkout (or pass --root)") from None
+        except OSError as err:
+            raise UserError(f"{path}: cannot be read ({err.strerror or err})") from None
+        if len(raw) > MAX_DOCUMENT_BYTES:
+            raise UserError(f"{path}: larger than {MAX_DOCUMENT_BYTES >> 20} MiB, not one of fastcifar's documents")
+        try:
+            old = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise UserError(f"{path}: not UTF-8 text") from None
         new = render_text(old, ms, sections, str(path))
         if new != old:
             changed[path] = new
     if not check:
-        for path, new in changed.items():
-            with atomic_path(path) as tmp:
-                tmp.write_text(new, encoding="utf-8")
+        with _render_lock(root):
+            _remove_stale_temporaries(root)
+            write_all(changed)
     return list(changed)
 
 

@@ -6,10 +6,10 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from . import schema
+from . import records
 from .columns import Machine
 from .machines import machine_line as env_machine_line
-from .schema import DATA_PIPELINE, PIECES
+from .records import DATA_PIPELINE, PIECES
 from .stats import describe
 
 
@@ -78,7 +78,7 @@ def _op_text(op: dict) -> str:
 def loader_table(m: Machine) -> list[str]:
     if not m.loader:
         return []
-    rows = {k: v for k, v in m.loader.items() if isinstance(v, dict) and "images_per_s" in v and k != "compute_only"}
+    rows = m.loader.pipelines
     base = rows.get("torch", {}).get("images_per_s")
     out = [f"Loaders, isolated (`python -m fastcifar.bench_loader`; [results/{m.name}/bench_loader.json]"
            f"(results/{m.name}/bench_loader.json)):", "",
@@ -106,6 +106,8 @@ def loader_table(m: Machine) -> list[str]:
 
 def _probe_text(probe: dict) -> str:
     """'449 GFLOP/s, the conv probe (matmul 176, conv 449 GFLOP/s): <method>'."""
+    if probe.get("kernel") is None or probe.get("conv") is None or probe.get("matmul") is None:
+        return f"{probe['gflops']:.0f} GFLOP/s, the matmul probe of its time"
     return (f"{probe['gflops']:.0f} GFLOP/s, the {probe['kernel']} probe; matmul {probe['matmul']['gflops']:.0f}, "
             f"conv {probe['conv']['gflops']:.0f} GFLOP/s: {probe['method']}")
 
@@ -131,9 +133,7 @@ def e2e_table(m: Machine) -> list[str]:
            f"(results/{m.name}/bench_end_to_end.json)):", "",
            "| pipeline | median epoch s | images/s | data fraction | vs synthetic (95 % CI) | vs memory (95 % CI) "
            "| page faults / epoch | preempted / epoch |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in m.e2e.items():
-        if not (isinstance(r, dict) and "seconds" in r):
-            continue
+    for name, r in m.e2e.pipelines.items():
         memory = (f"{r['ratio_to_memory']:.3f}× ({ci95(r.get('ratio_to_memory_ci95'), '.3f')})"
                   if "ratio_to_memory" in r else "–")
         median = statistics.median(r["epoch_seconds"])  # of every round's epoch
@@ -148,13 +148,13 @@ def e2e_processes_table(m: Machine) -> list[str]:
     if not (m.e2e and m.e2e_processes):
         return []
     files = [("bench_end_to_end.json", m.e2e)] + [(f"end-to-end-processes/{p.name}", d) for p, d in m.e2e_processes]
-    names = [n for n in m.e2e if isinstance(m.e2e[n], dict) and "seconds" in m.e2e[n] and n != "synthetic"]
+    names = [n for n in m.e2e.pipelines if n != "synthetic"]
     out = [f"End to end, each process apart ({len(files)} processes; each pipeline's epoch over `synthetic`'s, "
            "95 % CI):", "", "| process | rounds | " + " | ".join(f"`{n}`" for n in names) + " |",
            "|---|---:|" + "---:|" * len(names)]
     for label, data in files:
-        cells = [overhead(data[n]) if n in data else "–" for n in names]
-        rounds = data["ffcv"]["epochs_timed"] if "ffcv" in data else "–"
+        cells = [overhead(data.pipelines[n]) if n in data.pipelines else "–" for n in names]
+        rounds = data.pipelines["ffcv"]["epochs_timed"] if "ffcv" in data.pipelines else "–"
         out.append(f"| [{label}](results/{m.name}/{label}) | {rounds} | " + " | ".join(cells) + " |")
     return out + [""]
 
@@ -162,11 +162,10 @@ def e2e_processes_table(m: Machine) -> list[str]:
 def e2e_candidates_table(m: Machine) -> list[str]:
     """End to end under settings that force one candidate cause each (end-to-end-candidates/): each
     process's settings, and each pipeline's epoch over `synthetic`'s with its page faults and preemptions."""
-    files = sorted((m.folder / "end-to-end-candidates").glob("*.json"))
-    if not files:
+    runs = m.candidates
+    if not runs:
         return []
-    runs = [(p, schema.read_checked(p, schema.check_end_to_end)) for p in files]
-    names = list(dict.fromkeys(n for _, d in runs for n, r in d.items() if isinstance(r, dict) and "seconds" in r))
+    names = list(dict.fromkeys(n for _, d in runs for n in d.pipelines))
     commits = sorted({(d["env"].get("git_commit") or "?")[:7] for _, d in runs})
     out = [f"End to end with one candidate forced per process ([results/{m.name}/end-to-end-candidates/]"
            f"(results/{m.name}/end-to-end-candidates/), commit {', '.join(commits)}): each pipeline's epoch over "
@@ -174,8 +173,9 @@ def e2e_candidates_table(m: Machine) -> list[str]:
            "switches per epoch (median).", "",
            "| settings | rounds | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|---:|" + "---|" * len(names)]
     for path, data in runs:
-        cells = ["; ".join([overhead(data[n]), *counts(data[n])]) if n in data else "–" for n in names]
-        rounds = data["synthetic"]["epochs_timed"]
+        cells = ["; ".join([overhead(data.pipelines[n]), *counts(data.pipelines[n])]) if n in data.pipelines else "–"
+                 for n in names]
+        rounds = data.pipelines["synthetic"]["epochs_timed"] if "synthetic" in data.pipelines else "–"
         out.append(f"| [{_settings(data)}](results/{m.name}/end-to-end-candidates/{path.name}) | {rounds} | "
                    + " | ".join(cells) + " |")
     return out + [""]
@@ -272,7 +272,7 @@ def startup_before_after(ms: list[Machine]) -> str:
     (bench_startup.json), cold and the median of the warm runs, with each one's commit."""
     out: list[str] = []
     for m in ms:
-        before = schema.read_checked(m.folder / "startup" / "before-compile.json", schema.check_startup)
+        before = m.startup_before
         if not (before and m.startup):
             continue
         cols = [("before", before), ("after", m.startup)]
@@ -316,9 +316,8 @@ def step_options(ms: list[Machine]) -> str:
     round (a single stalled round, seen with and without an option, moves a mean of 5 by 25 %); an option
     is kept only where every process of it beats every process of the defaults."""
     out: list[str] = []
-    for m, folder in ((col, f) for col in ms for f in sorted(col.folder.glob("step-options*")) if f.is_dir()):
-        runs = [schema.read_checked(p, schema.check_breakdown) for p in sorted(folder.glob("*.json"))
-                if p.name != "options.json"]
+    for m, folder, sweep in ((col, f, sweep) for col in ms for f, sweep in col.option_sweeps):
+        runs = [r for _, r in sweep]
         if not runs:
             continue
         by: dict[str, list[dict]] = {}
@@ -347,3 +346,98 @@ def step_options(ms: list[Machine]) -> str:
             out.append(f"| {name} | {each} | {mean:.1f} | {vs} | {limit:.1f} | {kept} |")
         out.append("")
     return "\n".join(out).rstrip() or "No machine has step options measured yet."
+
+
+# options/: bench_loader's compute-only floor, one process per file, a setting fixed per process (before
+# step_breakdown existed); the label of each setting, and what its figures alone cannot say.
+BENCH_OPTIONS = {
+    "default": ("defaults (`--compile`, 2 torch threads)", ""),
+    "omp-active": ("`OMP_WAIT_POLICY=ACTIVE` (OpenMP threads spin instead of sleeping)", ""),
+    "max-autotune": ("`TORCHINDUCTOR_MAX_AUTOTUNE=1` (Inductor's CPU autotuning)", "; a longer cold compile"),
+    "cpp-wrapper": ("`TORCHINDUCTOR_CPP_WRAPPER=1` (C++ wrapper, no Python between kernels)", ""),
+    "eager": ("eager (`--no-compile`)", ""),
+    "threads-1": ("one torch thread (`OMP_NUM_THREADS=1`)", "; half the cores idle"),
+}
+
+
+def _process_order(path) -> tuple[str, int]:
+    """'default-2' -> ('default', 2); 'default' (and 'threads-1', an option's own name) is process 1."""
+    if path.stem in BENCH_OPTIONS:
+        return path.stem, 1
+    stem, _, k = path.stem.rpartition("-")
+    return (stem, int(k)) if k.isdigit() and stem else (path.stem, 1)
+
+
+def bench_options(ms: list[Machine]) -> str:
+    """Per machine with options/: each setting's compute-only floor in each of its processes, against the
+    defaults' processes (kept only where every process beats every process of the defaults)."""
+    out: list[str] = []
+    for m in (m for m in ms if m.options):
+        groups: dict[str, list] = {}
+        for path, run in sorted(m.options, key=lambda pr: _process_order(pr[0])):
+            groups.setdefault(_process_order(path)[0], []).append(run)
+        base = [r.compute_only.images_per_s for r in groups.get("default", [])]
+        commits = sorted({(r.env.git_commit or "?")[:7] for _, r in m.options})
+        out += [f"`{m.name}` ({m.label()}), commit {', '.join(commits)}: `bench_loader`'s compute-only floor, "
+                f"one process per file ([results/{m.name}/options/](results/{m.name}/options/)).", "",
+                "| option | images/s per process | GFLOP/s per process | kept? |", "|---|---:|---:|---|"]
+        order = list(BENCH_OPTIONS)
+        for key in sorted(groups, key=lambda k: (order.index(k) if k in order else len(order), k)):
+            label, note = BENCH_OPTIONS.get(key, (f"`{key}`", ""))
+            rates = [r.compute_only.images_per_s for r in groups[key]]
+            gflops = " / ".join(f"{r.compute_only.gflops:.0f}" if r.compute_only.gflops else "–" for r in groups[key])
+            if key == "default":
+                kept = "the baseline"
+            elif key == "eager":
+                kept = "not the spec; shown for scale"
+            elif not base:
+                kept = "no baseline"
+            else:
+                kept = ("**yes**: every process faster than every one of the defaults" if min(rates) > max(base) else
+                        "**rejected**: slower in every process" if max(rates) < min(base) else
+                        "no: within the spread between processes of the defaults")
+            out.append(f"| {label} | {' / '.join(f'{v:.0f}' for v in rates)} | {gflops} | {kept}{note} |")
+        out.append("")
+    return "\n".join(out).rstrip() or "No machine has options/ measured."
+
+
+# startup/ of a column measured before and after a round of start-up cuts: (heading, file) per column; a run's
+# own `startup` where the file is a trainer run (the spec's batch sizes).
+FIRST_ROUND = [("`--compile` before", "before-compile.json"), ("after", "../bench_startup.json"),
+               ("eager before", "before-eager.json"), ("after", "after-eager.json"),
+               ("spec sizes before", "../spec/runs/ffcv-seed1.json"), ("after", "spec-seed1-1-epoch.json")]
+
+
+def _cells(m: Machine, name: str) -> tuple[list, list | None] | None:
+    """The warm runs' pieces (a list of runs) and the cold run of one column of FIRST_ROUND."""
+    if name == "../bench_startup.json":
+        return (list(m.startup["warm"]), m.startup["cold"]) if m.startup else None
+    if name == "../spec/runs/ffcv-seed1.json":
+        run = next((r for r in m.runs if r.config.seed == 1), None)
+        return ([run.startup], None) if run is not None and run.startup is not None else None
+    record = m.startup_files.get(name)
+    if record is None:
+        return None
+    if isinstance(record, records.StartupFile):
+        return list(record.warm), record.cold
+    return ([record.startup], None) if getattr(record, "startup", None) is not None else None
+
+
+def startup_first_round(ms: list[Machine]) -> str:
+    """The first round of start-up cuts, per machine that kept all six of its files: each piece, the median of
+    the warm runs (one run for the spec's sizes), before and after."""
+    out: list[str] = []
+    for m in ms:
+        cols = [(head, _cells(m, name)) for head, name in FIRST_ROUND]
+        if any(c is None for _, c in cols):
+            continue
+        out += ["| piece (s) | " + " | ".join(head for head, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
+        for key in [*PIECES, "data_pipeline_s"]:
+            cells = []
+            for _, (warm, _cold) in cols:
+                values = [v for v in (_piece(run, key) for run in warm) if v is not None]
+                cells.append(f"{statistics.median(values):.2f}" if values else "—")
+            out.append(f"| {'data pipeline' if key == 'data_pipeline_s' else f'`{key}`'} | " + " | ".join(cells) + " |")
+        colds = [f"{cold['startup_s']:.2f}" if cold else "" for _, (_, cold) in cols]
+        out.append("| cold `startup_s` | " + " | ".join(colds) + " |")
+    return "\n".join(out) or "No machine kept the files of a first round."

@@ -20,7 +20,7 @@ HANG = Path(__file__).resolve().parents[1] / "helpers" / "hang"
 
 def commands(small_data: Path, out: Path) -> dict[str, list[str]]:
     return {"measure": [sys.executable, "-m", "fastcifar.measure", "--data-dir", str(small_data), "--out", str(out),
-                        "--machine", "here", "--allow-dirty", "--device", "cpu"],
+                        "--allow-dirty", "--device", "cpu"],
             "gpu_check": [sys.executable, "-m", "fastcifar.gpu_check", "--smoke", "--out", str(out)]}
 
 

@@ -5,11 +5,12 @@ follows the stated rule, and every relative link and anchor in README.md and doc
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
-from fastcifar.reporting import render
+from fastcifar.reporting import figures, render
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", ROOT / "profiles" / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -98,3 +99,25 @@ def test_every_relative_link_and_anchor_resolves(doc):
         elif anchor and path.suffix == ".md" and anchor not in anchors(path):
             broken.append(f"{target} (no such heading)")
     assert not broken, f"{doc.relative_to(ROOT)}: {broken}"
+
+
+PROSE = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_no_measured_figure_is_typed_by_hand():
+    """Every figure in the prose is rendered, quoted from the file that holds it, or a definition (the rule:
+    fastcifar/reporting/figures.py)."""
+    assert not figures.problems(ROOT, PROSE), "\n".join(figures.problems(ROOT, PROSE))
+
+
+def test_a_typed_figure_and_a_misquoted_one_are_caught(tmp_path):
+    source = "docs/results/amd-epyc-avx2-2c/startup/after-eager.json#warm_median.data_pipeline_s"
+    shutil.copytree(ROOT / "docs" / "results" / "amd-epyc-avx2-2c", tmp_path / "docs" / "results" / "amd-epyc-avx2-2c")
+    doc = tmp_path / "docs" / "page.md"
+    doc.write_text(f"Quoted 4.1 s<!-- figure: {source} -->; misquoted 4.4 s<!-- figure: {source} -->; a typed\n"
+                   f"12.3 s; a field that is not there 4.1 s<!-- figure: {source}x -->; targets ≤ 10 s and 95 % CI;\n"
+                   "`--epochs 10` and ```code``` are not prose.\n```\n7 s in a fence\n```\n")
+    found = figures.problems(tmp_path, [doc])
+    assert len(found) == 3, found
+    assert "4.4 s is typed, its source holds 4.13" in found[0] and "12.3 s is typed by hand" in found[1]
+    assert "has no field" in found[2]
