@@ -1,8 +1,9 @@
 """How long `make setup` takes from a fresh clone, and what it installs: the checkout cloned into a temporary
 folder (its committed tree, nothing else), `make setup` run there with a new `.venv/`, timed end to end; then
 the size of that `.venv/`, the torch build pip chose, and the number of packages. A user reads it as "what
-set-up cost on this machine": what was already present (apt's packages, pip's cache or configured wheels) is
-recorded beside the time, since it changes the time more than the machine does.
+set-up cost on this machine". pip's cache is off (every wheel fetched, ffcv built from source, as a first
+install); apt's packages, when already present, are recorded beside the time, since they change it more than
+the machine does. Where pip fetches from (an index on the network or nearer) is the machine's own.
 
     python -m fastcifar.benchmarks.bench_setup --out docs/results/<machine>/setup.json
 """
@@ -52,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(PACKAGE_ROOT), str(clone)], check=True)
         clean = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHON",
                                                                    "PYTHONPATH", "MAKEFLAGS", "MAKELEVEL")}
+        clean["PIP_NO_CACHE_DIR"] = "1"  # as a first install: every wheel fetched, ffcv built, nothing from pip's cache
         print(f"make setup in a fresh clone ({clone}) ...", flush=True)
         t0 = time.perf_counter()
         done = subprocess.run(["make", "setup", f"BASE_PYTHON={args.python}"], cwd=clone, env=clean,
@@ -68,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   text=True)
         record = {"seconds": round(seconds, 1), "venv_bytes": _size(venv),
                   "torch": version, "torch_build": f"cu{cuda.replace('.', '')}" if cuda else "cpu",
-                  "packages": len(json.loads(packages.stdout)), "apt_packages_present_before": present,
+                  "packages": len(json.loads(packages.stdout)), "apt_packages_present_before": present, "pip_cache": False,
                   "command": "make setup (a fresh clone, a new .venv/)", "env": env}
         shutil.rmtree(venv, ignore_errors=True)
     write_json_atomic(args.out, record)
