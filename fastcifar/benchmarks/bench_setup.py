@@ -70,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   text=True)
         record = {"seconds": round(seconds, 1), "venv_bytes": _size(venv),
                   "torch": version, "torch_build": f"cu{cuda.replace('.', '')}" if cuda else "cpu",
-                  "packages": len(json.loads(packages.stdout)), "apt_packages_present_before": present, "pip_cache": False,
+                  "packages": len(json.loads(packages.stdout)), "apt_packages_present_before": present,
+                  "pip_cache": False,
                   "command": "make setup (a fresh clone, a new .venv/)", "env": env}
         shutil.rmtree(venv, ignore_errors=True)
     write_json_atomic(args.out, record)

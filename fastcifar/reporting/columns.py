@@ -196,7 +196,10 @@ class Machine:
         isa = ISA_NAMES.get(isa_tag(mach["cpu_flags"]) if mach.get("cpu_flags") else self.note.get("isa"), "?")
         cpus = mach.get("usable_cpus") or self.note.get("logical_cpus")
         gpu = (self.env.get("gpu") or {}).get("name")
-        return (f"{gpu}, " if gpu else "") + f"{model}, {cpus} cores ({isa})"
+        family, number = (mach.get("cpu_family") or self.note.get("cpu_family"),
+                          mach.get("cpu_model_number") or self.note.get("cpu_model_number"))
+        which = f" family {family} model {number}" if family is not None and number is not None else ""
+        return (f"{gpu}, " if gpu else "") + f"{model}{which}, {cpus} cores ({isa})"
 
     def heading(self) -> str:
         commits = self.commits()

@@ -256,16 +256,16 @@ def _setup_cell(m: Machine) -> str:
     s = m.setup
     if s is None:
         return "not measured"
-    apt = "apt's packages already present" if all(s.apt_packages_present_before.values()) else "apt included"
-    return (f"{s.seconds / 60:.1f} min, `.venv/` {s.venv_bytes / 2**30:.1f} GiB with torch's {s.torch_build} "
-            f"build ({apt}; at {(s.env.git_commit or '?')[:7]})")
+    apt = "apt's packages present" if all(s.apt_packages_present_before.values()) else "apt included"
+    return (f"{s.seconds / 60:.1f} min, `.venv/` {s.venv_bytes / 2**30:.1f} GiB, torch {s.torch_build} "
+            f"({apt}; {(s.env.git_commit or '?')[:7]})")
 
 
 SUMMARY = ["a spec run: 10 epochs, process start → last validation", "one epoch (45,000 images)",
            "test accuracy (10,000 images)", "training speed: of the CPU's measured limit",
            "start-up to the first step, `--compile`", "`ffcv` loader alone, vs PyTorch's DataLoader",
            "`ffcv` in training, vs no loading at all (`synthetic`)", "`make results` took",
-           "`make setup` from a fresh clone (its own commit)",
+           "`make setup`, a fresh clone (its own commit)",
            "a compiled training step (batch 128), vs its own limit"]
 
 

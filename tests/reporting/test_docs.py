@@ -121,3 +121,7 @@ def test_a_typed_figure_and_a_misquoted_one_are_caught(tmp_path):
     assert len(found) == 3, found
     assert "4.4 s is typed, its source holds 4.13" in found[0] and "12.3 s is typed by hand" in found[1]
     assert "has no field" in found[2]
+
+
+def test_the_readme_stays_a_first_screen_and_a_little_more():
+    assert len((ROOT / "README.md").read_bytes()) <= 12_000  # depth belongs in docs/

@@ -159,7 +159,8 @@ def test_the_committed_columns_render_as_they_are(checkout, capsys):
 FILES = {"spec/runs/ffcv-seed0.json": records.Run, "bench_loader.json": records.LoaderFile,
          "bench_end_to_end.json": records.EndToEndFile, "bench_startup.json": records.StartupFile,
          "probe.json": records.ProbeFile, "step_breakdown.json": records.BreakdownFile,
-         "floor.json": records.FloorFile, "measure.json": records.MeasureFile, "machine.json": records.MachineNote}
+         "floor.json": records.FloorFile, "measure.json": records.MeasureFile, "machine.json": records.MachineNote,
+         "setup.json": records.SetupFile}
 PIPELINES = {records.LoaderFile, records.EndToEndFile}
 
 
