@@ -34,7 +34,7 @@ SMOKE      ?=
 BUDGET     ?=
 STAGES     ?=
 
-.PHONY: setup venv system-deps python-deps dali betons run test lint bench gpu-check results docs docs-check clean
+.PHONY: setup venv system-deps python-deps dali spdl betons run test lint bench gpu-check results docs docs-check clean
 
 setup: venv system-deps python-deps
 
@@ -75,6 +75,12 @@ python-deps:
 # Optional: NVIDIA DALI for --loader dali (CI installs it so the DALI tests run on its CPU-only pipeline).
 dali: setup
 	@$(PYTHON) -c "import nvidia.dali" 2>/dev/null || $(PIP) install -q -e ".[dali]"
+
+# Optional: Meta's SPDL pipeline for --loader spdl (CI installs it so its tests run; where no wheel exists for
+# this Python, make says so and the spdl tests skip with that reason).
+spdl: setup
+	@$(PYTHON) -c "import spdl.pipeline" 2>/dev/null || $(PIP) install -q -e ".[spdl]" || \
+	  echo "make spdl: no spdl-core wheel for $$($(PYTHON) --version) here; --loader spdl and its tests are skipped"
 
 betons: setup
 	$(PYTHON) tools/make_beton.py --data-dir $(DATA_DIR) $(if $(SOURCE),--source $(SOURCE))

@@ -12,6 +12,7 @@ after normalisation), random 32x32 crop and horizontal flip. One module per pipe
   torch      loaders/torch_loader.py      torch DataLoader, per-image CPU transforms (the conventional way)
   memory     loaders/memory_loader.py     the whole split on the device, the same device op (the upper bound)
   dali       loaders/dali_loader.py       NVIDIA DALI, its fused operators (optional extra)
+  spdl       loaders/spdl_loader.py       Meta's SPDL pipeline, thread stages, the same device op (optional extra)
   synthetic  loaders/synthetic_loader.py  one fixed batch on the device: the compute-only floor
 """
 
@@ -31,7 +32,7 @@ from .utils import UserError
 __all__ = ["LOADERS", "LoaderThreadDied", "check_betons", "make_loader", "make_loaders", "read_beton",
            "split_sizes"]
 
-LOADERS = ("ffcv", "torch", "memory", "dali", "synthetic")
+LOADERS = ("ffcv", "torch", "memory", "dali", "spdl", "synthetic")
 
 
 def check_betons(data_dir: Path) -> dict[str, int]:
@@ -72,6 +73,7 @@ def make_loaders(
     timings: dict | None = None,
     ffcv_inline: bool = False,
     ffcv_parallel: bool = False,
+    spdl_per_image: bool = False,
 ) -> dict:
     """{'train', 'val', 'test'} loaders of pipeline `loader` over `data_dir`, after checking the betons.
     A batch larger than the training split is refused (a pipeline would allocate buffers for it).
@@ -82,7 +84,8 @@ def make_loaders(
     (`distributed.eval_shard`: each image scored once), and the augmentation draws from seed + rank.
     ffcv_inline: FFCV's batches made in the training thread, not in its loader thread
     (`loaders.ffcv_loader._inline_epoch`); ffcv_parallel: FFCV's passes on `workers` threads even on a
-    CPU device with no idle core (`loaders.ffcv_loader.pipeline_threads`); both for bench_loader.
+    CPU device with no idle core (`loaders.ffcv_loader.pipeline_threads`); spdl_per_image: SPDL's per-image CPU
+    augmentation instead of the batched device op (`loaders.spdl_loader`); all three for bench_loader.
     `timings`, when given, receives the seconds spent checking the betons and building the loaders."""
     if loader not in LOADERS:
         raise UserError(f"unknown loader {loader!r}: choose one of {', '.join(LOADERS)}")
@@ -101,9 +104,12 @@ def make_loaders(
         from .loaders import memory_loader as module
     elif loader == "dali":
         from .loaders import dali_loader as module
+    elif loader == "spdl":
+        from .loaders import spdl_loader as module
     else:
         from .loaders import synthetic_loader as module
-    forced = {"inline": ffcv_inline, "parallel": ffcv_parallel} if loader == "ffcv" else {}
+    forced = ({"inline": ffcv_inline, "parallel": ffcv_parallel} if loader == "ffcv" else
+              {"per_image": spdl_per_image} if loader == "spdl" else {})
     loaders = module.make_loaders(*args, **forced)
     if timings is not None:  # start-up pieces, for the results JSON's `startup`
         timings.update(betons_check_s=checked - t0, loaders_s=time.perf_counter() - checked)

@@ -168,7 +168,7 @@ def versions() -> dict:
     build = (f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else
              "rocm" if getattr(torch.version, "hip", None) else "cpu")
     return {"python": platform.python_version(), "torch": torch.__version__, "torch_build": build,
-            **{name: of(name) for name in PACKAGES}, "dali": ", ".join(dali) or "absent"}
+            **{name: of(name) for name in PACKAGES}, "dali": ", ".join(dali) or "absent", "spdl": of("spdl-core")}
 
 
 def gpu(device: torch.device) -> dict | None:

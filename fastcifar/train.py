@@ -410,6 +410,9 @@ def run(args: argparse.Namespace, entered: float) -> int:
                           "compile_cache_warm": None if compile_cache is None else
                           compile_cache["fx_graph_misses"] == 0 and compile_cache["fx_graph_hits"] > 0}
     results["device_op"] = device_op
+    if hasattr(loaders["train"], "stats"):  # --loader spdl: each stage's tasks and seconds, per epoch
+        results["loader_stages"] = {split: loaders[split].stats.epochs for split in ("train", "val", "test")
+                                    if split in loaders}
     # After the clock and the test: the probe is not part of the run (1-2 s on the run's threads).
     env["attainable_fp32"] = attainable_probe(device)
     results.update(run_utilisation(results, env["attainable_fp32"], args.batch_size, ranks.world_size))

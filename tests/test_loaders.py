@@ -21,7 +21,9 @@ from fastcifar.utils import UserError
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINES = ["ffcv", "torch", "memory", "dali"]
+PIPELINES = ["ffcv", "torch", "memory", "dali", "spdl", "spdl-per-image"]
+EXTRA = {"dali": "nvidia.dali", "spdl": "spdl.pipeline", "spdl-per-image": "spdl.pipeline"}
+FORCED = {"spdl-per-image": ("spdl", {"spdl_per_image": True})}  # bench_loader's variant: SPDL's own idiom
 # chi-square, 80 degrees of freedom (81 offsets), p = 0.001: a fair draw exceeds it once in 1,000 runs
 CHI2_80_P001 = 124.84
 
@@ -47,9 +49,10 @@ def sources(small_data) -> dict:
 
 @pytest.mark.parametrize("loader", PIPELINES)
 def test_pipeline_contract_and_spec_augmentation(small_data, sources, loader):
-    if loader == "dali":
-        pytest.importorskip("nvidia.dali", reason="the dali extra is not installed")
-    loaders = make_loaders(small_data, CPU, batch_size=64, workers=2, seed=5, loader=loader)
+    if loader in EXTRA:
+        pytest.importorskip(EXTRA[loader], reason=f"the {loader.split('-')[0]} extra is not installed")
+    base, forced = FORCED.get(loader, (loader, {}))
+    loaders = make_loaders(small_data, CPU, batch_size=64, workers=2, seed=5, loader=base, **forced)
     for split in ("val", "test"):  # in order, every image once, plain normalisation
         images, labels, indices = epoch(loaders[split])
         src = sources[split]
@@ -82,7 +85,7 @@ def test_pipeline_contract_and_spec_augmentation(small_data, sources, loader):
     flip_rate = float((draws_t >= 81).double().mean())
     assert abs(flip_rate - 0.5) < 0.05, flip_rate  # 1,800 draws: sd 0.012
 
-    again = make_loaders(small_data, CPU, batch_size=64, workers=2, seed=5, loader=loader)["train"]
+    again = make_loaders(small_data, CPU, batch_size=64, workers=2, seed=5, loader=base, **forced)["train"]
     first_again = epoch(again)
     assert first_again[2].tolist() == orders[0]  # same seed, same order
 
@@ -117,6 +120,25 @@ def test_ffcv_threads_take_only_the_cores_the_model_leaves_idle_on_a_cpu(monkeyp
     assert pipeline_threads(torch.device("cuda"), 3) == 3  # a GPU device: the model leaves the cores idle
 
 
+def test_spdl_threads_are_chosen_as_ffcvs(monkeypatch):
+    from fastcifar.loaders.spdl_loader import spdl_threads
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for cores, expected in ((2, 1), (4, 2), (16, 3)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert spdl_threads(CPU, 3) == expected, cores
+    assert spdl_threads(torch.device("cuda"), 3) == 3
+
+
+def test_spdl_records_each_stages_tasks_per_epoch(small_data):
+    pytest.importorskip("spdl.pipeline", reason="the spdl extra is not installed")
+    train = make_loaders(small_data, CPU, batch_size=64, workers=2, seed=1, loader="spdl")["train"]
+    for _ in range(2):
+        list(train)
+    assert [e["gather"]["tasks"] for e in train.stats.epochs] == [len(train)] * 2
+    assert all(e["gather"]["seconds"] > 0 for e in train.stats.epochs)
+
+
 def test_synthetic_is_one_fixed_batch(small_data):
     loaders = make_loaders(small_data, CPU, batch_size=128, workers=2, loader="synthetic")
     batches = list(loaders["train"])
@@ -126,18 +148,22 @@ def test_synthetic_is_one_fixed_batch(small_data):
 
 
 def test_unknown_loader_and_missing_dali(small_data, monkeypatch):
-    with pytest.raises(UserError, match="unknown loader 'nope': choose one of ffcv, torch, memory, dali, synthetic"):
+    with pytest.raises(UserError, match="unknown loader 'nope': choose one of ffcv, torch, memory, dali, spdl, "
+                                        "synthetic"):
         make_loaders(small_data, CPU, loader="nope")
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if not installed
     monkeypatch.setitem(sys.modules, "nvidia.dali.fn", None)
     with pytest.raises(UserError, match=r'--loader dali needs NVIDIA DALI.*pip install "fastcifar\[dali\]"'):
         make_loaders(small_data, CPU, loader="dali")
+    monkeypatch.setitem(sys.modules, "spdl.pipeline", None)
+    with pytest.raises(UserError, match=r'--loader spdl: the spdl extra is not installed: pip install "fastcifar'):
+        make_loaders(small_data, CPU, loader="spdl")
 
 
-@pytest.mark.parametrize("loader", ["torch", "memory", "dali", "synthetic"])
+@pytest.mark.parametrize("loader", ["torch", "memory", "dali", "spdl", "synthetic"])
 def test_trainer_runs_every_loader(small_data, tmp_path, loader):
-    if loader == "dali":
-        pytest.importorskip("nvidia.dali", reason="the dali extra is not installed")
+    if loader in EXTRA:
+        pytest.importorskip(EXTRA[loader], reason=f"the {loader} extra is not installed")
     result = subprocess.run(
         [sys.executable, "-m", "fastcifar.train", "--data-dir", str(small_data), "--device", "cpu", "--epochs", "1",
          "--max-steps-per-epoch", "2", "--loader", loader, "--out", str(tmp_path), "--run-name", loader],

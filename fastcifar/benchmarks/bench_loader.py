@@ -40,6 +40,7 @@ from ..data import LOADERS, make_loaders
 from ..devices import device_name, resolve_device, synchronize
 from ..env import environment, set_cudnn, set_float32_precision
 from ..flops import attainable_probe, flops_record, utilisation
+from ..loaders.spdl_loader import spdl_version
 from ..model import resnetv2_20
 from ..precompile import batch_sizes, frozen, warm_up_run
 from ..profiling import StepTimer
@@ -48,7 +49,12 @@ from ..train import adamw, train_epoch
 from ..utils import ArgumentParser, UserError, run_cli, writable_file, write_json_atomic
 
 # Forced variants of `ffcv` (end to end only): the pipeline and what make_loaders is given.
-VARIANTS = {"ffcv-inline": ("ffcv", {"ffcv_inline": True}), "ffcv-parallel": ("ffcv", {"ffcv_parallel": True})}
+VARIANTS = {"ffcv-inline": ("ffcv", {"ffcv_inline": True}), "ffcv-parallel": ("ffcv", {"ffcv_parallel": True}),
+            "spdl-per-image": ("spdl", {"spdl_per_image": True})}
+
+
+def spdl_installed() -> bool:
+    return spdl_version() != "absent"
 
 
 def dali_installed() -> bool:
@@ -74,7 +80,22 @@ def isolated(loader, device: torch.device, epochs: int, name: str) -> dict:
             seconds.append(time.perf_counter() - t0)
             total += seen
     return {"images_per_s": total / sum(seconds), "seconds_per_epoch": sum(seconds) / len(seconds),
-            "epoch_seconds": seconds, "images_per_epoch": total // epochs}
+            "epoch_seconds": seconds, "images_per_epoch": total // epochs, **stages(loader)}
+
+
+def stages(loader) -> dict:
+    """A pipeline's own per-stage statistics where it keeps them (`spdl`: each stage's tasks and seconds, summed
+    over every epoch it ran here, warm-up included), as `stages`."""
+    epochs = getattr(getattr(loader, "stats", None), "epochs", None)
+    if not epochs:
+        return {}
+    total: dict[str, dict[str, float]] = {}
+    for epoch in epochs:
+        for stage, row in epoch.items():
+            into = total.setdefault(stage, {"tasks": 0, "seconds": 0.0})
+            into["tasks"] += row["tasks"]
+            into["seconds"] += row["seconds"]
+    return {"stages": total}
 
 
 class EndToEnd:
@@ -116,7 +137,8 @@ class EndToEnd:
         return {**nearest, **counts, "seconds": seconds, "images_per_s": nearest["train_images"] / seconds,
                 "cpu_s": cpu,
                 "epoch_seconds": [e["seconds"] for e in self.epochs],
-                "epoch_cpu_s": [e["cpu_s"] for e in self.epochs], "epochs_timed": len(self.epochs)}
+                "epoch_cpu_s": [e["cpu_s"] for e in self.epochs], "epochs_timed": len(self.epochs),
+                **stages(self.train)}
 
 
 def compute_only(args: argparse.Namespace, device: torch.device) -> dict:
@@ -203,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     set_float32_precision(device, tf32=False)
     set_cudnn(device, deterministic=False)  # the trainer's defaults
-    available = [n for n in LOADERS if n != "dali" or dali_installed()]
+    available = [n for n in LOADERS if (n != "dali" or dali_installed()) and (n != "spdl" or spdl_installed())]
     names = args.loaders.split(",") if args.loaders else [n for n in available if args.end_to_end or n != "synthetic"]
     for name in names:
         if name not in LOADERS and not (args.end_to_end and name in VARIANTS):

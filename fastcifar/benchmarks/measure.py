@@ -11,8 +11,9 @@ Stages, in order, each a separate process with its log under OUT/<machine>/logs/
               processes, pooled (the interval a training run, one more process, is compared with)
   loader      `fastcifar.bench_loader`, isolated (5 timed epochs each, the compute-only floor in 3 rounds:
               intervals for the loader ratio and the utilisation)
-  end-to-end  `fastcifar.bench_loader --end-to-end` (ffcv, memory, torch, dali where installed, synthetic,
-              and ffcv's two forced variants, ffcv-inline and ffcv-parallel; --e2e-repeats rounds)
+  end-to-end  `fastcifar.bench_loader --end-to-end` (ffcv, memory, torch, dali and spdl where installed with
+              spdl's per-image variant, synthetic, and ffcv's two forced variants, ffcv-inline and
+              ffcv-parallel; --e2e-repeats rounds)
   end-to-end-2, end-to-end-3
               the same for ffcv and memory alone, each in a process of its own
               (end-to-end-processes/): ffcv's overhead in three separate processes
@@ -184,8 +185,9 @@ def commands(name: str, args: argparse.Namespace, folder: Path) -> list[str]:
                 "--out", str(folder / OUTPUT["loader"])]
     if name.startswith("end-to-end"):
         dali = importlib.util.find_spec("nvidia") and importlib.util.find_spec("nvidia.dali")
-        loaders = ("ffcv,memory,torch" + (",dali" if dali else "") + ",ffcv-inline,ffcv-parallel"
-                   if name == "end-to-end" else "ffcv,memory")
+        spdl = importlib.util.find_spec("spdl") and importlib.util.find_spec("spdl.pipeline")
+        loaders = ("ffcv,memory,torch" + (",dali" if dali else "") + (",spdl,spdl-per-image" if spdl else "")
+                   + ",ffcv-inline,ffcv-parallel" if name == "end-to-end" else "ffcv,memory")
         return [py, "-m", "fastcifar.bench_loader", *common, "--end-to-end", "--loaders", loaders,
                 "--repeats", str(args.e2e_repeats), "--max-steps", str(args.e2e_steps),
                 "--out", str(folder / OUTPUT[name])]

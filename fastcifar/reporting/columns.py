@@ -65,6 +65,9 @@ class Machine:
                               for p in sorted(startup.glob("*.json"))}
         self.options = [(p, read(p, records.LoaderFile)) for p in sorted((folder / "options").glob("*.json"))]
         self.setup = read(folder / "setup.json", records.SetupFile)
+        # spdl/: --loader spdl beside ffcv, isolated and end to end, one process per file (their own commit)
+        self.spdl = [(p, read(p, records.LoaderFile if p.name.startswith("isolated") else records.EndToEndFile))
+                     for p in sorted((folder / "spdl").glob("*.json"))]
         main = [(p, r) for p, r in [*zip(self.run_paths, self.runs, strict=True),
                                     (folder / "bench_loader.json", self.loader),
                                     (folder / "bench_end_to_end.json", self.e2e),
@@ -75,7 +78,7 @@ class Machine:
                                     *self.floor_processes] if r is not None]
         evidence = [*self.candidates, *(pr for _, sweep in self.option_sweeps for pr in sweep), *self.options,
                     *((startup / name, r) for name, r in self.startup_files.items()),
-                    *([(folder / "setup.json", self.setup)] if self.setup else [])]
+                    *([(folder / "setup.json", self.setup)] if self.setup else []), *self.spdl]
         self.envs = [r.env for _, r in main]
         if not self.envs:
             raise UserError(f"{folder}: no results JSON with an env")

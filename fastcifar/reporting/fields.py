@@ -15,7 +15,8 @@ MAX_SECONDS = 1e7  # ~4 months: a timing beyond it is not a measurement
 MAX_INT = 1 << 62
 
 # The pipelines a results file may name: the five loaders and bench_loader's forced variants.
-Pipeline = Literal["ffcv", "torch", "memory", "dali", "synthetic", "spdl", "ffcv-inline", "ffcv-parallel"]
+Pipeline = Literal["ffcv", "torch", "memory", "dali", "synthetic", "spdl", "ffcv-inline", "ffcv-parallel",
+                   "spdl-per-image"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +113,7 @@ class Versions(Record):
     ffcv: str
     dali: str
     torchvision: str
+    spdl: str | None = None
     tensorboard: str
     torch_tb_profiler: str = Field(alias="torch-tb-profiler")
 

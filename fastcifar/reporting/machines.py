@@ -73,5 +73,6 @@ def machine_line(env: dict) -> str | None:
             f" {mach['logical_cpus']} logical CPUs, {mach['logical_cpus_are']}, {mach['memory_gib']} GiB; flags: "
             f"{flags}; {mach['os']}, kernel {mach['kernel']}{gpu_text}. Python {v['python']}, torch {v['torch']} "
             f"({v['torch_build']}), numpy {v['numpy']}, numba {v['numba']}, ffcv {v['ffcv']}, DALI {v['dali']}, "
+            + (f"SPDL {v['spdl']}, " if v.get("spdl") else "") +
             f"torchvision {v['torchvision']}, tensorboard {v['tensorboard']}, "
             f"torch-tb-profiler {v['torch-tb-profiler']}")

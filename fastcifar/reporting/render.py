@@ -22,18 +22,9 @@ from pathlib import Path
 
 from ..utils import ArgumentParser, UserError, run_cli
 from .columns import Machine, machines
+from .evidence import bench_options, startup_before_after, startup_first_round, step_options
 from .stats import describe
-from .tables import (
-    bench_options,
-    ci95,
-    details,
-    pm,
-    spec_stats,
-    startup_before_after,
-    startup_first_round,
-    startup_stats,
-    step_options,
-)
+from .tables import ci95, details, pm, spec_stats, startup_stats
 
 # name -> (comparison, bound, unit): the targets docs/benchmarks.md defines; labels and verdicts derive from them.
 TARGETS = {
