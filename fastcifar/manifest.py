@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from .archive import NUM_CLASSES
-from .utils import UserError
+from .utils import UserError, read_bounded
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -93,16 +93,7 @@ def _where(err: ValidationError) -> str:
 def read_manifest(path: Path) -> Manifest:
     """The manifest at `path`, validated, or UserError naming the file and the first bad field. Only a regular
     file of at most MAX_MANIFEST_BYTES is read (a FIFO would block, /dev/zero never end)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} is missing" if not path.exists() else f"{path} is not a regular file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_MANIFEST_BYTES + 1)
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise UserError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 10} KiB: not a fastcifar manifest")
+    raw = read_bounded(path, MAX_MANIFEST_BYTES, "a fastcifar manifest")
     try:
         return Manifest.model_validate_json(raw)
     except ValidationError as err:

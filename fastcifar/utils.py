@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -143,6 +144,27 @@ def writable_folder(folder: Path, what: str) -> Path:
     except OSError as err:
         raise UserError(f"cannot write to {what} {folder}: {err.strerror or err}") from None
     return folder
+
+
+def read_bounded(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of `path`, which must be a regular file of at most `limit` bytes (`what` names the kind of file
+    in the error). Opened without blocking and checked again once open: a FIFO would block forever, a device
+    such as /dev/zero never end. One line naming the file otherwise (UserError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} is missing" if not os.path.lexists(path) else
+                        f"{path}: not a regular file (a FIFO, device or folder is never read as {what})")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise UserError(f"{path}: not a regular file")
+            raw = f.read(limit + 1)
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({err.strerror or err})") from None
+    if len(raw) > limit:
+        raise UserError(f"{path}: larger than {what} ({limit:,} bytes at most)")
+    return raw
 
 
 def writable_file(path: Path, what: str) -> Path:

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from ..utils import UserError
+from ..utils import UserError, read_bounded
 
 MAX_FILE_BYTES = 8 << 20  # the largest committed results file is ~0.1 MB
 
@@ -52,19 +51,11 @@ def _constant(name: str) -> float:
 
 
 def inside(path: Path, root: Path | None) -> None:
-    """Refuse, by name, a path that is not a regular file or that leads out of `root` (through a link)."""
-    try:
-        st = os.stat(path)
-    except OSError as err:
-        raise UserError(f"{path}: cannot be read ({err.strerror or err})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise UserError(f"{path}: not a regular file (a FIFO, device or folder is never read as results)")
+    """Refuse, by name, a path that leads out of `root` (through a link): only the results are read."""
     if root is not None:
         real, base = Path(os.path.realpath(path)), Path(os.path.realpath(root))
         if base != real and base not in real.parents:
             raise UserError(f"{path}: a link leading out of {root}")
-    if st.st_size > MAX_FILE_BYTES:
-        raise UserError(f"{path}: {st.st_size:,} bytes, more than a results file holds ({MAX_FILE_BYTES >> 20} MiB)")
 
 
 def read_json(path: Path, root: Path | None = None) -> object | None:
@@ -75,16 +66,7 @@ def read_json(path: Path, root: Path | None = None) -> object | None:
     if not os.path.lexists(path):
         return None
     inside(path, root)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, even if swapped for a FIFO since
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise UserError(f"{path}: not a regular file")
-            raw = f.read(MAX_FILE_BYTES + 1)
-    except OSError as err:
-        raise UserError(f"{path}: cannot be read ({err.strerror or err})") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise UserError(f"{path}: more than a results file holds ({MAX_FILE_BYTES >> 20} MiB)")
+    raw = read_bounded(path, MAX_FILE_BYTES, "a results file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

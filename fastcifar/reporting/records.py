@@ -83,8 +83,8 @@ class DeviceOp(Record):
         return {k: v for k, v in (self.__pydantic_extra__ or {}).items() if k.endswith("_ms")}
 
 
-class Startup(Record):
-    """A run's own start-up, piece by piece (the pieces as bench_startup records them)."""
+class Pieces(Record):
+    """Start-up, piece by piece, as bench_startup and every run record them (a piece may predate its name)."""
 
     python_and_imports_s: NonNegSeconds | None = None
     setup_s: NonNegSeconds | None = None
@@ -94,6 +94,11 @@ class Startup(Record):
     model_s: NonNegSeconds | None = None
     compile_s: NonNegSeconds | None = None
     first_batch_s: NonNegSeconds | None = None
+
+
+class Startup(Pieces):
+    """A run's own start-up (`startup` in its JSON)."""
+
     startup_s: Seconds | None = None
     compile_cache_warm: bool | None = None
 
@@ -238,15 +243,9 @@ PIECES = ["python_and_imports_s", "setup_s", "compiler_import_s", "betons_check_
 DATA_PIPELINE = ("betons_check_s", "loaders_s", "first_batch_s")
 
 
-class StartupRun(Record):
-    python_and_imports_s: NonNegSeconds | None = None
-    setup_s: NonNegSeconds | None = None
-    compiler_import_s: NonNegSeconds | None = None
-    betons_check_s: NonNegSeconds | None = None
-    loaders_s: NonNegSeconds | None = None
-    model_s: NonNegSeconds | None = None
-    compile_s: NonNegSeconds | None = None
-    first_batch_s: NonNegSeconds | None = None
+class StartupRun(Pieces):
+    """One bench_startup run, cold or warm."""
+
     startup_s: Seconds
     data_pipeline_s: NonNegSeconds | None = None
 

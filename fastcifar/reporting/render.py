@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..utils import ArgumentParser, UserError, run_cli
+from ..utils import ArgumentParser, UserError, read_bounded, run_cli
 from .columns import Machine, machines
 from .evidence import bench_options, startup_before_after, startup_first_round, step_options
 from .stats import describe
@@ -377,17 +377,9 @@ def render(root: Path, results: Path, check: bool = False) -> list[Path]:
     changed: dict[Path, str] = {}
     for name, sections in SECTIONS.items():
         path = root / name
-        if os.path.lexists(path) and not path.is_file():
-            raise UserError(f"{path}: not a regular file")
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_DOCUMENT_BYTES + 1)
-        except FileNotFoundError:
-            raise UserError(f"{path} not found: run from a checkout (or pass --root)") from None
-        except OSError as err:
-            raise UserError(f"{path}: cannot be read ({err.strerror or err})") from None
-        if len(raw) > MAX_DOCUMENT_BYTES:
-            raise UserError(f"{path}: larger than {MAX_DOCUMENT_BYTES >> 20} MiB, not one of fastcifar's documents")
+        if not os.path.lexists(path):
+            raise UserError(f"{path} not found: run from a checkout (or pass --root)")
+        raw = read_bounded(path, MAX_DOCUMENT_BYTES, "one of fastcifar's documents")
         try:
             old = raw.decode("utf-8")
         except UnicodeDecodeError:

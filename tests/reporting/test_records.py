@@ -271,39 +271,36 @@ def test_every_declared_field_made_wrong(checkout, capsys, name, key, kind, valu
 # Bounded reading, and all or none
 
 
-def test_a_fifo_is_refused_by_name_and_never_opened(checkout, capsys):
+def render_with_probe_as(checkout: Path, capsys, make) -> tuple[int, str]:
+    """Render with probe.json replaced by what `make(path)` puts there (a FIFO, a link), then put it back."""
     probe = col(checkout, "probe.json")
     saved = probe.read_bytes()
     probe.unlink()
-    os.mkfifo(probe)
+    make(probe)
     try:
-        code, err = render_once(checkout, capsys)
+        return render_once(checkout, capsys)
     finally:
         probe.unlink()
         probe.write_bytes(saved)
+
+
+def test_a_fifo_is_refused_by_name_and_never_opened(checkout, capsys):
+    code, err = render_with_probe_as(checkout, capsys, os.mkfifo)
     assert code == 2 and "probe.json: not a regular file" in err, err
 
 
 @pytest.mark.parametrize("target", ["/dev/zero", "outside"])
 def test_a_link_to_a_device_or_out_of_the_results_is_refused(checkout, capsys, tmp_path, target):
-    probe = col(checkout, "probe.json")
-    saved = probe.read_bytes()
     if target == "outside":
-        (tmp_path / "probe.json").write_bytes(saved)
+        shutil.copy(col(checkout, "probe.json"), tmp_path / "probe.json")
         target = str(tmp_path / "probe.json")
-    probe.unlink()
-    probe.symlink_to(target)
-    try:
-        code, err = render_once(checkout, capsys)
-    finally:
-        probe.unlink()
-        probe.write_bytes(saved)
+    code, err = render_with_probe_as(checkout, capsys, lambda probe: probe.symlink_to(target))
     assert code == 2 and ("not a regular file" in err or "a link leading out of" in err), err
 
 
 def test_an_oversized_file_is_refused_before_it_is_read(checkout, capsys):
     refused(checkout, capsys, col(checkout, "probe.json"), " " * (records.MAX_FILE_BYTES + 1) + "{}",
-            "more than a results file holds")
+            "larger than a results file")
 
 
 @pytest.fixture
