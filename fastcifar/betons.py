@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,8 +38,11 @@ from .utils import (
     ArgumentParser,
     UserError,
     atomic_path,
+    free_name,
     run_cli,
     sha256_file,
+    signals_held,
+    writable_folder,
 )
 
 
@@ -101,7 +103,7 @@ def _in_process_writer():
             """FFCV's finalize wraps its allocation table in a bare `except:`: a Ctrl-C landing there
             would be swallowed and the beton finished with an empty table, looking complete. SIGINT
             is held until it returns, then raised as usual, so the temporary file is removed."""
-            with _sigint_held():
+            with signals_held(signal.SIGINT):
                 super().finalize(allocations)
 
         def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args) -> None:
@@ -119,19 +121,6 @@ def _in_process_writer():
 
     return InProcessWriter
 
-
-@contextlib.contextmanager
-def _sigint_held():
-    """Block SIGINT in this (main) thread inside the block; a Ctrl-C that came meanwhile is delivered,
-    and raised as KeyboardInterrupt, as soon as the block ends."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
@@ -243,16 +232,9 @@ def check_outputs(data_dir: Path, counts: dict[str, int]) -> None:
     bytes (`beton_bytes`) and the inodes for the set."""
     import shutil
 
-    try:
-        with atomic_path(data_dir / ".write-test"):
-            pass
-        (data_dir / ".write-test").unlink(missing_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot write to data dir {data_dir}: {err.strerror or err}") from None
+    writable_folder(data_dir, "data dir")
     for name in OUTPUTS:
-        path = data_dir / name
-        if os.path.lexists(path) and (path.is_symlink() or not path.is_file()):
-            raise UserError(f"{path} exists and is not a regular file: move it away, then convert again")
+        free_name(data_dir / name, "the output")
     need = sum(beton_bytes(n) for n in counts.values())
     free = shutil.disk_usage(data_dir).free
     if free < need:

@@ -9,9 +9,11 @@ import hashlib
 import json
 import os
 import re
+import signal
 import stat
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -167,15 +169,43 @@ def read_bounded(path: Path, limit: int, what: str) -> bytes:
     return raw
 
 
+@contextlib.contextmanager
+def signals_held(*signums: int) -> Iterator[None]:
+    """The given signals held inside the block and delivered, to the handlers they had, as soon as it ends.
+    Python-level handlers that record each signal, not a blocked mask: blocking it in the main thread alone
+    would let the kernel hand it to another thread of the process (numba's, FFCV's), and Python would then
+    raise it in the main thread inside the block all the same. In the main thread only (signal handlers can
+    be set nowhere else); elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in got:
+            signal.raise_signal(s)
+
+
+def free_name(path: Path, what: str) -> None:
+    """Refuse a name taken by anything but a regular file (a folder, FIFO, device or link), which the final
+    rename of an output would fail on, or a FIFO block, after the work."""
+    path = Path(path)
+    if os.path.lexists(path) and (path.is_symlink() or not path.is_file()):
+        kind = "a folder" if path.is_dir() else "a link" if path.is_symlink() else "not a regular file"
+        raise UserError(f"{what} {path} is {kind}: move it away or choose another name")
+
+
 def writable_file(path: Path, what: str) -> Path:
     """Prove now, before the work, that `path` can be written: its folder is writable (`writable_folder`) and
     the name is free or a regular file, never a folder, FIFO or device that the final rename would fail on
     (or a FIFO would block) after minutes or hours of work."""
     path = Path(path)
     writable_folder(path.parent, "the output folder")
-    if os.path.lexists(path) and (path.is_symlink() or not path.is_file()):
-        kind = "a folder" if path.is_dir() else "a link" if path.is_symlink() else "not a regular file"
-        raise UserError(f"{what} {path} is {kind}: move it away or choose another name")
+    free_name(path, what)
     return path
 
 

@@ -190,7 +190,7 @@ def test_a_beton_named_by_a_folder_is_refused_before_the_conversion(tmp_path, sm
     folder = tmp_path / "d"
     (folder / "val.beton").mkdir(parents=True)
     result = make_beton("--source", str(small_archive), "--data-dir", str(folder), *SMALL_FLAGS)
-    one_line(result, "val.beton exists and is not a regular file")
+    one_line(result, "val.beton is a folder: move it away")
     assert sorted(p.name for p in folder.iterdir()) == ["val.beton"]
 
 

@@ -16,11 +16,10 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..utils import ArgumentParser, UserError, read_bounded, run_cli
+from ..utils import ArgumentParser, UserError, read_bounded, run_cli, signals_held
 from .columns import Machine, machines
 from .evidence import bench_options, startup_before_after, startup_first_round, step_options
 from .stats import describe
@@ -290,35 +289,14 @@ def render_text(text: str, ms: list[Machine], sections: dict[str, Callable[[list
 
 
 def _replaceable(path: Path) -> None:
-    """Refuse, before any document is written, one that could not be replaced: its folder must take a new
-    file and the document itself be writable (an immutable or read-only file refuses to be opened so)."""
+    """Refuse, before any document is written, one that could not be replaced: the document itself must be
+    writable (an immutable or read-only file refuses to be opened so). Its folder's taking a new file is
+    proven by `write_all` creating every temporary before the first rename."""
     try:
         with open(path, "r+b"):
             pass
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        os.unlink(probe)
     except OSError as err:
         raise UserError(f"{path}: cannot be replaced ({err.strerror or err}); no document was written") from None
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """SIGINT and SIGTERM held inside the block and delivered as soon as it ends: the documents are swapped in
-    all together, never some of them. Python-level handlers that record the signal (blocking it in this thread
-    alone would let another thread of the process take it)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        for s in got:
-            signal.raise_signal(s)
 
 
 def write_all(changed: dict[Path, str]) -> None:
@@ -335,7 +313,7 @@ def write_all(changed: dict[Path, str]) -> None:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
             os.chmod(tmp, path.stat().st_mode & 0o7777)
-        with _signals_held():
+        with signals_held(signal.SIGINT, signal.SIGTERM):  # swapped in all together, never some of them
             for path, tmp in temps.items():
                 os.replace(tmp, path)
     except OSError as err:

@@ -72,26 +72,25 @@ def refused(root: Path, capsys, path: Path, change, message: str, named: str | N
     assert (named or path.name) in err and message in err, err
 
 
+def locate(data: object, key: str) -> tuple[object, object]:
+    """The container holding a dotted key's last part (list items by index), and that part as it indexes it."""
+    *parents, last = key.split(".")
+    for part in parents:
+        data = data[int(part)] if isinstance(data, list) else data[part]
+    return data, int(last) if isinstance(data, list) else last
+
+
 def at(key: str, value):
     def change(d: dict) -> dict:
-        target = d
-        *parents, last = key.split(".")
-        for p in parents:
-            target = target[int(p)] if isinstance(target, list) else target[p]
-        if isinstance(target, list):
-            target[int(last)] = value
-        else:
-            target[last] = value
+        target, last = locate(d, key)
+        target[last] = value
         return d
     return change
 
 
 def scaled(key: str, factor: float):
     def change(d: dict) -> dict:
-        target = d
-        *parents, last = key.split(".")
-        for p in parents:
-            target = target[p]
+        target, last = locate(d, key)
         target[last] *= factor
         return d
     return change
@@ -223,26 +222,19 @@ def _cases():
     for name, model in FILES.items():
         data = json.loads(col(ROOT, name).read_text())
         for key, annotation, required in _fields(model, data):
-            target = data
-            for part in key.split("."):
-                target = target[int(part)] if isinstance(target, list) else target[part]
-            for kind, value in _mutations(target, annotation, required):
+            parent, last = locate(data, key)
+            for kind, value in _mutations(parent[last], annotation, required):
                 refuses = kind == "missing" or _declared_refuses(annotation, value)
                 yield pytest.param(name, key, kind, value, refuses, id=f"{name}:{key}:{kind}")
 
 
 def _mutate(key: str, kind: str, value):
+    if kind != "missing":
+        return at(key, value)
+
     def change(d: dict) -> dict:
-        target = d
-        *parents, last = key.split(".")
-        for p in parents:
-            target = target[int(p)] if isinstance(target, list) else target[p]
-        if kind == "missing":
-            del target[last]
-        elif isinstance(target, list):
-            target[int(last)] = value
-        else:
-            target[last] = value
+        target, last = locate(d, key)
+        del target[last]
         return d
     return change
 
