@@ -5,7 +5,7 @@ set-up cost on this machine". pip's cache is off (every wheel fetched, ffcv buil
 install); apt's packages, when already present, are recorded beside the time, since they change it more than
 the machine does. Where pip fetches from (an index on the network or nearer) is the machine's own.
 
-    python -m fastcifar.benchmarks.bench_setup --out docs/results/<machine>/setup.json
+    python -m fastcifar.bench_setup --out docs/results/<machine>/setup.json
 """
 
 from __future__ import annotations
