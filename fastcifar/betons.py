@@ -280,6 +280,7 @@ def _build(source: Path | None, data_dir: Path, seed: int, val_per_class: int, e
         "test": (test_images, cifar.test_y, np.arange(len(test_images)), "official test set"),
     }
 
+    import_ffcv()  # before the first temporary: a Ctrl-C from here on lands in the writing, not torch's import
     # The old manifest goes first: from here until the new one is written the set is incomplete.
     (data_dir / MANIFEST).unlink(missing_ok=True)
     splits, rows = {}, []

@@ -18,13 +18,25 @@ a plain dict behaves the same: it is built as one. Every FFCV import of ours goe
 from __future__ import annotations
 
 import os
+import signal
 import sys
+
+from .utils import signals_held
 
 
 def import_ffcv() -> None:
     """Import FFCV (its image-mode table a plain dict), put torch's thread count back as it was,
     and patch FFCV's Compiler to set numba's threads only. Idempotent; call it before any
-    `from ffcv... import`."""
+    `from ffcv... import`.
+
+    Ctrl-C is held during the first import and delivered as it returns: one landing while torch's
+    extension runs Python code from C++ aborts the process ("terminate called after throwing ...
+    KeyboardInterrupt") instead of raising, so no handler or temporary-file cleanup would run."""
+    with signals_held(signal.SIGINT):
+        _import_ffcv()
+
+
+def _import_ffcv() -> None:
     import torch
 
     threads = torch.get_num_threads()

@@ -244,3 +244,24 @@ def test_real_signal_mid_write_leaves_nothing_complete(tmp_path, sig):
     # the next run removes any leftover temporary file and completes
     assert run_tool(*args[2:]).returncode == 0
     assert betons.manifest_problem(tmp_path) is None and not list(tmp_path.glob("*.tmp"))
+
+
+def test_ctrl_c_during_ffcv_import_is_delivered_after_it():
+    """A Ctrl-C landing inside torch's import (where torch's C++ may be running Python code, and a
+    KeyboardInterrupt there aborts the process) is held and raised once the import has returned."""
+    child = (
+        "import signal, sys\n"
+        "class Hook:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch.version':\n"  # imported from inside torch's own import
+        "            signal.raise_signal(signal.SIGINT)\n"
+        "sys.meta_path.insert(0, Hook())\n"
+        "from fastcifar.ffcv_threads import import_ffcv\n"
+        "try:\n"
+        "    import_ffcv()\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted after', 'ffcv.fields.rgb_image' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert result.stdout.strip() == "interrupted after True", result.stderr[-2000:]
