@@ -44,6 +44,27 @@ def import_compiler() -> None:
     torch.compile(nn.Identity())
 
 
+def compile_model(model: nn.Module, mode: str | None = "default", in_place: bool = False) -> nn.Module:
+    """torch.compile with static shapes: one graph per batch size (the full batch and each split's last
+    partial one, all compiled by the warm-up). Dynamo's default recompiles at the second size with a
+    symbolic batch, and the full batches after it run that dynamic graph, which the floor and the
+    end-to-end benchmark (one size) never compile: every command compiles this way, so training, its
+    floor and the benchmarks run the same graphs (`graphs` records them)."""
+    if in_place:
+        model.compile(mode=mode, dynamic=False)
+        return model
+    return torch.compile(model, mode=mode, dynamic=False)
+
+
+def graphs(batch_sizes: Iterable[int]) -> dict:
+    """The graphs compiled so far in this process (Dynamo's counters), with static shapes for these batch
+    sizes: every run's JSON records it, and a column checks that training and its floor agree."""
+    from torch._dynamo.utils import counters
+
+    return {"dynamic": False, "batch_sizes": sorted(set(batch_sizes), reverse=True),
+            "unique_graphs": int(counters["stats"]["unique_graphs"]), "frames_compiled": int(counters["frames"]["ok"])}
+
+
 def mark_step(mode: str | None) -> None:
     """Under reduce-overhead (CUDA graphs) a new step may overwrite the last step's outputs: tell the
     graph trees where each step begins, so nothing reads a static buffer after its next replay."""

@@ -15,14 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .utils import UserError, atomic_path
-
-# torch-tb-profiler counts a range as DataLoader time when its name starts with
-# "enumerate(DataLoader)#" and ends with ".__next__" (the names torch's own DataLoader uses).
-DATA_RANGE = "enumerate(DataLoader)#FFCVLoader.__next__"
-FORWARD_RANGE = "fastcifar#forward"
-BACKWARD_RANGE = "fastcifar#backward"
-OPTIMIZER_RANGE = "fastcifar#optimizer_step"
+from .trace_breakdown import BACKWARD_RANGE, DATA_RANGE, FORWARD_RANGE, OPTIMIZER_RANGE  # noqa: F401 (named once)
+from .utils import UserError, atomic_path, write_json_atomic
 
 
 class StepTimer:
@@ -111,7 +105,8 @@ def rewrite_trace(path: Path) -> tuple[int, int]:
 
 class TraceProfiler:
     """torch.profiler over one epoch's window (wait, warmup, active steps), written as a
-    TensorBoard trace into `run_dir` and then rewritten by `rewrite_trace`."""
+    TensorBoard trace into `run_dir` and then rewritten by `rewrite_trace`; where its steps went
+    (`trace_breakdown`) written beside it as breakdown.json and breakdown.png."""
 
     def __init__(self, run_dir: Path, device: torch.device, steps: tuple[int, int, int]):
         from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
@@ -119,6 +114,7 @@ class TraceProfiler:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.traces: list[Path] = []
+        self.breakdown: dict | None = None
         write = tensorboard_trace_handler(str(self.run_dir), worker_name="fastcifar")
 
         def on_trace_ready(prof) -> None:
@@ -127,6 +123,7 @@ class TraceProfiler:
             for path in sorted(set(self.run_dir.glob("*.pt.trace.json")) - before):
                 rewrite_trace(path)
                 self.traces.append(path)
+                self.breakdown = write_breakdown(path, self.run_dir)
 
         activities = [ProfilerActivity.CPU]
         if torch.device(device).type == "cuda":
@@ -144,6 +141,17 @@ class TraceProfiler:
 
     def step(self, _loss=None) -> None:
         self.profile.step()
+
+
+def write_breakdown(trace: Path, folder: Path) -> dict:
+    """The trace's breakdown as breakdown.json and breakdown.png in `folder`; returns it."""
+    from . import trace_breakdown
+
+    result = trace_breakdown.breakdown(trace)
+    write_json_atomic(folder / "breakdown.json", result)
+    trace_breakdown.plot(result, folder / "breakdown.png",
+                         f"where the profiled training steps went: {result['step_ms']:.1f} ms per step ({trace.name})")
+    return result
 
 
 class ScalarLog:

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -22,13 +23,13 @@ from torch import nn
 from torch.autograd.profiler import record_function
 from tqdm import tqdm
 
-from . import __version__, distributed
+from . import __version__, distributed, trace_breakdown
 from .data import LOADERS, make_loaders, split_sizes
 from .devices import device_name, synchronize
 from .env import environment, seconds_since_process_start, set_cudnn, set_float32_precision
 from .flops import attainable_probe, run_utilisation
 from .model import count_parameters, resnetv2_20
-from .precompile import frozen, import_compiler, mark_step, warm_up_evaluation, warm_up_run
+from .precompile import compile_model, frozen, graphs, import_compiler, mark_step, warm_up_evaluation, warm_up_run
 from .profiling import (
     BACKWARD_RANGE,
     DATA_RANGE,
@@ -103,14 +104,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+ADAMW = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
+
+
 def adamw(params, device: torch.device, lr: float, weight_decay: float) -> tuple[torch.optim.Optimizer, dict]:
-    """The spec's AdamW (betas 0.9/0.999): fused into one kernel per step on CUDA (a step of many small
-    kernels is launch-bound there), torch's default (foreach) implementation on the CPU. Returns the
-    optimizer and what was chosen, for `env`."""
-    fused = torch.device(device).type == "cuda"
+    """The spec's AdamW (betas 0.9/0.999), fused: one kernel per parameter group on CUDA (a step of many
+    small kernels is launch-bound there) and on a CPU, where torch's default is its per-parameter loop
+    (foreach is CUDA's default only): six ops and an `.item()` per parameter per step. FASTCIFAR_ADAMW
+    picks torch's other two (foreach, for-loop) for a whole process, as step_options tries them. Returns
+    the optimizer and what was chosen, for `env`."""
+    implementation = os.environ.get("FASTCIFAR_ADAMW", "fused")
+    if implementation not in ADAMW:
+        raise UserError(f"FASTCIFAR_ADAMW={implementation} is not one of {', '.join(ADAMW)}")
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay,
-                                  **({"fused": True} if fused else {}))
-    return optimizer, {"name": "AdamW", "fused": fused}
+                                  **ADAMW[implementation])
+    return optimizer, {"name": "AdamW", "fused": implementation == "fused", "implementation": implementation}
 
 
 def compiled(model: nn.Module, compile_mode: str | None) -> nn.Module:
@@ -120,10 +128,7 @@ def compiled(model: nn.Module, compile_mode: str | None) -> nn.Module:
     torch.compile?"): Dynamo then never traces DDP's own hooks."""
     if not compile_mode:
         return model
-    if distributed.active():
-        model.compile(mode=compile_mode)
-        return model
-    return torch.compile(model, mode=compile_mode)
+    return compile_model(model, compile_mode, in_place=distributed.active())
 
 
 def _progress(total: int, desc: str) -> tqdm:
@@ -315,6 +320,10 @@ def run(args: argparse.Namespace, entered: float) -> int:
     startup = {"python_and_imports_s": entered, "setup_s": set_up - entered}
     if args.compile:
         import_compiler()
+        if profile and device.type == "cpu":  # Inductor's C++ kernels visible in the trace (trace_breakdown)
+            import torch._inductor.config as inductor_config
+
+            inductor_config.cpp.enable_kernel_profile = env["inductor_kernel_profile"] = True
     startup["compiler_import_s"] = seconds_since_process_start() - set_up
     loaders = make_loaders(args.data_dir, device, batch_size, args.workers, args.seed,
                            compile_augment=args.compile, loader=args.loader, rank=ranks.rank,
@@ -350,6 +359,7 @@ def run(args: argparse.Namespace, entered: float) -> int:
     warm_up_s = time.perf_counter() - t0
     startup["compile_s"] = warm_up_s
     compile_cache = compile_cache_counts() if args.compile else None
+    compiled_graphs = graphs(sizes["train"]) if args.compile else None  # the training graphs, before any epoch
     warm_up_done = seconds_since_process_start()
 
     def first_step() -> None:  # the first batch is in hand: start-up ends, training begins
@@ -363,6 +373,7 @@ def run(args: argparse.Namespace, entered: float) -> int:
     profile_epoch = min(args.profile_epoch, args.epochs)
     scalars = ScalarLog(profile_dir) if profile else None
     traces: list[Path] = []
+    breakdown = None
     epochs = []
     scorer = distributed.unwrap(net)  # evaluation runs no collective: each rank scores its own images
     eval_warm_up_s = 0.0
@@ -375,7 +386,8 @@ def run(args: argparse.Namespace, entered: float) -> int:
                                     desc=f"epoch {epoch}/{args.epochs}" + (" (profiling)" if profiler else ""),
                                     on_step=profiler.step if profiler else None, compile_mode=compile_mode,
                                     on_first_batch=first_step if epoch == 1 else None)
-            traces = profiler.traces if profiler else traces
+            if profiler:
+                traces, breakdown = profiler.traces, profiler.breakdown
             if epoch == 1 and args.compile:
                 t0 = time.perf_counter()
                 compiled_sizes = warm_up_evaluation(net, model, device, sizes, compile_mode)
@@ -400,8 +412,8 @@ def run(args: argparse.Namespace, entered: float) -> int:
     if not ranks.main:
         return 0
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "profile_schedule"}
-    profiled = {"dir": str(profile_dir), "epoch": profile_epoch, "traces": [str(t) for t in traces]} \
-        if profile else None
+    profiled = {"dir": str(profile_dir), "epoch": profile_epoch, "traces": [str(t) for t in traces],
+                "breakdown": breakdown} if profile else None
     results = collect(run_name, total_training_time, epochs, test, config, env, profiled)
     results["warm_up_s"] = warm_up_s + eval_warm_up_s  # every compilation of the run
     results["eval_warm_up_s"] = eval_warm_up_s  # of which after the first epoch, outside start-up
@@ -410,6 +422,8 @@ def run(args: argparse.Namespace, entered: float) -> int:
                           "compile_cache_warm": None if compile_cache is None else
                           compile_cache["fx_graph_misses"] == 0 and compile_cache["fx_graph_hits"] > 0}
     results["device_op"] = device_op
+    if compiled_graphs:  # those of the warm-up, and all of the run: the eval graph's after epoch 1, no other
+        results["graphs"] = {**compiled_graphs, "at_end": graphs([])["unique_graphs"]}
     if hasattr(loaders["train"], "stats"):  # --loader spdl: each stage's tasks and seconds, per epoch
         results["loader_stages"] = {split: loaders[split].stats.epochs for split in ("train", "val", "test")
                                     if split in loaders}
@@ -425,8 +439,11 @@ def run(args: argparse.Namespace, entered: float) -> int:
     print(summary_table(results))
     print(f"results: {args.out / (run_name + '.json')}  weights: {weights}")
     if args.profile:
-        print(f"profile: {', '.join(map(str, traces)) or 'no trace (window longer than the epoch?)'}; "
-              f"view with: tensorboard --logdir {args.profile_dir}")
+        if breakdown:
+            print(trace_breakdown.table(breakdown))
+        print(f"profile: {', '.join(map(str, traces)) or 'no trace (window longer than the epoch?)'}"
+              + (f", breakdown.json and breakdown.png in {profile_dir}" if breakdown else "")
+              + f"; view the trace with: tensorboard --logdir {args.profile_dir}, or in Perfetto")
     return 0
 
 

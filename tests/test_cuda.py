@@ -116,7 +116,7 @@ def test_fused_adamw_equals_the_unfused_steps():
         params = [torch.nn.Parameter(p.clone()) for p in start]
         if fused:
             optimizer, chosen = adamw(params, CUDA, lr=1e-3, weight_decay=1e-4)
-            assert chosen == {"name": "AdamW", "fused": True}
+            assert chosen == {"name": "AdamW", "fused": True, "implementation": "fused"}
         else:
             optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4, foreach=True)
         for step in grads:

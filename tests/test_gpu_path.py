@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+import torch._inductor.config as inductor_config
 
 from fastcifar import precompile
 from fastcifar.data import LoaderThreadDied, make_loader
@@ -65,8 +66,10 @@ def test_every_compilation_runs_on_the_main_thread_while_no_ffcv_thread_runs(sma
     monkeypatch.setattr(train, "evaluate", spy(train.evaluate, first_eval_at))
     callback_handler.register_start_callback(on_start)
     try:
-        code = train.main(["--data-dir", str(small_data), "--device", "cpu", "--compile", "--epochs", "2",
-                           "--out", str(tmp_path), "--run-name", "threads"])
+        with inductor_config.patch({"cpp.enable_kernel_profile": False}):  # a profiled run sets it: restored
+            code = train.main(["--data-dir", str(small_data), "--device", "cpu", "--compile", "--epochs", "2",
+                               "--out", str(tmp_path), "--run-name", "threads", "--profile", "--profile-steps",
+                               "0,1,2", "--profile-dir", str(tmp_path / "profiles")])
     finally:
         callback_handler.remove_start_callback(on_start)
     assert code == 0
@@ -81,6 +84,13 @@ def test_every_compilation_runs_on_the_main_thread_while_no_ffcv_thread_runs(sma
     assert [e["train_images"] for e in results["epochs"]] == [450, 450]
     assert results["test_images"] == 110 and results["val_images"] == 50
     assert 0 < results["eval_warm_up_s"] < results["warm_up_s"]
+    # a profiled compiled run: Inductor's kernels visible (compiled with its kernel profile), attributed by graph
+    ms = results["profile"]["breakdown"]["categories_ms"]
+    assert results["env"]["inductor_kernel_profile"] is True
+    # static graphs, one per batch size (450 = 3 x 128 + 66), all compiled before training: the eval graph's after
+    assert results["graphs"]["dynamic"] is False and results["graphs"]["batch_sizes"] == [128, 66]
+    assert results["graphs"]["at_end"] > results["graphs"]["unique_graphs"] >= 2
+    assert ms["element-wise, compiled (forward)"] > 0 and ms["element-wise, compiled (backward)"] > 0
 
 
 @pytest.mark.parametrize("faster", ["compiled", "eager", "fused"])

@@ -106,6 +106,7 @@ def profiled_run(small_data, tmp_path_factory):
          "--out", str(out), "--run-name", "prof"],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "where the 3 profiled steps went" in result.stdout and "breakdown.png" in result.stdout
     return json.loads((out / "prof.json").read_text()), profiles
 
 
@@ -119,6 +120,11 @@ def test_profile_run_writes_trace_scalars_and_split(profiled_run):
     cats = {e["name"]: e.get("cat") for e in events if "name" in e}
     assert cats[DATA_RANGE] == "cpu_op" and cats[FORWARD_RANGE] == "cpu_op"
     assert sum(1 for name in cats if name.startswith("ProfilerStep#")) >= 1
+    # where the steps went: read from that trace, written beside it and into the run's JSON
+    breakdown = json.loads((run_dir / "breakdown.json").read_text())
+    assert breakdown == metrics["profile"]["breakdown"] and breakdown["trace"] == trace.name
+    assert breakdown["steps"] == 3 and breakdown["categories_ms"]["convolution backward"] > 0
+    assert (run_dir / "breakdown.png").read_bytes()[:4] == b"\x89PNG"
     # run totals are the sums of the epochs
     for key in ("data_time_s", "compute_time_s"):
         assert metrics[key] == pytest.approx(sum(e[key] for e in metrics["epochs"]))

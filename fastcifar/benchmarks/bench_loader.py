@@ -42,7 +42,7 @@ from ..env import environment, set_cudnn, set_float32_precision
 from ..flops import attainable_probe, flops_record, utilisation
 from ..loaders.spdl_loader import spdl_version
 from ..model import resnetv2_20
-from ..precompile import batch_sizes, frozen, warm_up_run
+from ..precompile import batch_sizes, compile_model, frozen, graphs, warm_up_run
 from ..profiling import StepTimer
 from ..reporting.stats import describe, percent_interval
 from ..train import adamw, train_epoch
@@ -107,7 +107,7 @@ class EndToEnd:
         torch.manual_seed(args.seed)
         self.model = resnetv2_20().to(device=device, memory_format=torch.channels_last)
         self.optimizer, _ = adamw(self.model.parameters(), device, lr=1e-3, weight_decay=1e-4)  # as the trainer's
-        self.net = torch.compile(self.model) if args.compile else self.model
+        self.net = compile_model(self.model) if args.compile else self.model
         self.train, self.device, self.max_steps, self.name = loaders["train"], device, args.max_steps, name
         warm_up_run(self.net, self.model, {"train": self.train}, device, args.batch_size, args.max_steps, None)
         self.epochs: list[dict] = []
@@ -277,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flops = add_utilisation(results, compute, env["attainable_fp32"], args.batch_size)
     write_json_atomic(out, {**results, **({"compute_only": compute} if compute else {}),
                             "flops_per_image": flops["flops_per_image"], "flops": flops, "env": env,
+                            **({"graphs": graphs([args.batch_size])} if args.compile and args.end_to_end else {}),
                             "mode": "end_to_end" if args.end_to_end else "isolated"})
     mode = f"end to end, {args.repeats} round(s) of one training epoch each" if args.end_to_end else "isolated"
     print(f"loader benchmark ({mode}): batch "

@@ -136,6 +136,7 @@ def timer_overhead(device_name: str, smoke: bool, steps: int, out_json: Path) ->
     from ..devices import synchronize
     from ..env import set_cudnn
     from ..model import resnetv2_20
+    from ..precompile import compile_model
     from ..profiling import StepTimer
     from ..train import adamw
 
@@ -143,7 +144,7 @@ def timer_overhead(device_name: str, smoke: bool, steps: int, out_json: Path) ->
     set_cudnn(device, deterministic=False)  # the trainer's defaults
     torch.manual_seed(0)
     model = resnetv2_20().to(device, memory_format=torch.channels_last)
-    net = model if smoke else torch.compile(model)
+    net = model if smoke else compile_model(model)
     optimizer, _ = adamw(model.parameters(), device, lr=1e-3, weight_decay=1e-4)  # the trainer's
     x = torch.randn(128, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (128,), device=device)

@@ -28,29 +28,25 @@ that training can beat without beating the floor.
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .. import precompile, trace_breakdown
 from ..devices import resolve_device, synchronize
 from ..env import environment, set_cudnn, set_float32_precision
 from ..model import resnetv2_20
 from ..reporting import records as typed
 from ..reporting.stats import describe, prediction95
+from ..trace_breakdown import STEP_RANGE
 from ..train import adamw
 from ..utils import ArgumentParser, UserError, run_cli, writable_file, writable_folder, write_json_atomic
 from .step_limit import bandwidth_gbs, best_ms, conv_limit, conv_shapes, elementwise_bytes
-
-CATEGORIES = ["convolution forward", "convolution backward", "element-wise, compiled (forward)",
-              "element-wise, compiled (backward)", "optimizer", "other ATen ops", "outside any op"]
-STEP_RANGE = "fastcifar_step"
 
 
 def make_batches(n: int, batch: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -65,7 +61,7 @@ def spec_step(device: torch.device, compile_model: bool) -> tuple[nn.Module, tor
     torch.manual_seed(0)
     model = resnetv2_20().to(device=device, memory_format=torch.channels_last)
     optimizer, _ = adamw(model.parameters(), device, lr=1e-3, weight_decay=1e-4)  # the trainer's
-    net = torch.compile(model) if compile_model else model
+    net = precompile.compile_model(model) if compile_model else model
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         loss = nn.functional.cross_entropy(net(x), y)
@@ -90,60 +86,25 @@ def time_rounds(step: Callable, batches: list, device: torch.device, rounds: int
     return out
 
 
-def _ancestors(event) -> list[str]:
-    names = []
-    while event is not None:
-        names.append(event.name)
-        event = event.cpu_parent
-    return names
-
-
-def categorize(events, steps: int, device: torch.device) -> dict[str, float]:
-    """Milliseconds per step per category, from the events inside the marked steps (on CUDA: the kernels'
-    device time; on a CPU: every op's own time on the thread that ran it, which sums to the steps)."""
-    totals: dict[str, float] = defaultdict(float)
-    cuda = device.type == "cuda"
-    for e in events:
-        chain = _ancestors(e)
-        if STEP_RANGE not in chain:
-            continue
-        backward = any("Backward" in n or "autograd::engine" in n for n in chain)
-        optimizer = any(n.startswith("Optimizer.") for n in chain)
-        own = (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3
-        name = e.name
-        if optimizer:
-            key = "optimizer"
-        elif name == STEP_RANGE:
-            key = "outside any op"
-        elif "cpp_fused" in name or "triton_" in name or name.startswith("graph_"):
-            # Inductor's kernels (their names list the ops they fused, "convolution_backward" among them
-            # where a kernel takes a convolution's gradient as input): element-wise, by their graph
-            key = f"element-wise, compiled ({'backward' if backward else 'forward'})"
-        elif "convolution_backward" in name:
-            key = "convolution backward"
-        elif "convolution" in name or name.startswith(("aten::cudnn_conv", "aten::mkldnn_conv")):
-            key = "convolution backward" if backward else "convolution forward"
-        elif name.startswith("aten::"):
-            key = "other ATen ops"
-        else:
-            key = "outside any op"  # profiler ranges of Python-level code: dynamo, autograd, compiled graphs
-        totals[key] += own
-    return {k: totals.get(k, 0.0) / steps for k in CATEGORIES}
-
-
 def profile(step: Callable, batches: list, device: torch.device, steps: int, trace_dir: Path | None) -> dict:
+    """A profile of `steps` steps, each in the shared step range, classified from its trace file by the
+    classifier `train --profile` uses (`trace_breakdown`); the trace kept in `trace_dir` when given."""
+    import tempfile
+
     from torch.profiler import ProfilerActivity, record_function, tensorboard_trace_handler
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    handler = (tensorboard_trace_handler(str(trace_dir), worker_name="step_breakdown", use_gzip=True)
-               if trace_dir else None)
-    with torch.profiler.profile(activities=activities, on_trace_ready=handler) as prof:
-        for i in range(steps):
-            with record_function(STEP_RANGE):
-                step(*batches[i % len(batches)])
-        synchronize(device)
-    ranges = [e.cpu_time_total / 1e3 for e in prof.events() if e.name == STEP_RANGE]
-    return {"categories_ms": categorize(prof.events(), steps, device), "step_ms": statistics.median(ranges)}
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(trace_dir or scratch)
+        before = set(folder.glob("*.pt.trace.json.gz"))
+        handler = tensorboard_trace_handler(str(folder), worker_name="step_breakdown", use_gzip=True)
+        with torch.profiler.profile(activities=activities, on_trace_ready=handler):
+            for i in range(steps):
+                with record_function(STEP_RANGE):
+                    step(*batches[i % len(batches)])
+            synchronize(device)
+        (trace,) = set(folder.glob("*.pt.trace.json.gz")) - before
+        return trace_breakdown.breakdown(trace)
 
 
 def breakdown(device: torch.device, batch: int, rounds: int, steps: int, profile_steps: int, calls: int,
@@ -156,6 +117,7 @@ def breakdown(device: torch.device, batch: int, rounds: int, steps: int, profile
     batches = make_batches(distinct, batch, device)
     model, optimizer, step = spec_step(device, compile_model=True)
     floor = time_rounds(step, batches, device, rounds, steps)
+    compiled_graphs = precompile.graphs([batch])  # before the profiled build adds its own
     # The profiled build: Inductor's kernels visible in the trace (a CPU needs its kernel profile).
     if device.type == "cpu":
         inductor_config.cpp.enable_kernel_profile = True
@@ -192,11 +154,11 @@ def breakdown(device: torch.device, batch: int, rounds: int, steps: int, profile
         table[name] = row
     probe = attainable_probe(device)
     return {
-        "batch": batch, "distinct_batches": distinct,
+        "batch": batch, "distinct_batches": distinct, "graphs": compiled_graphs,
         "floor": floor_record(floor, batch, steps, flops["train_step"]),
         "kernel_profile_build_step_ms": visible_ms,
         "profiled": {"steps": profile_steps, "step_ms": traced["step_ms"], "categories": table,
-                     "sum_ms": sum(cats.values())},
+                     "sum_ms": traced["sum_ms"], "device": traced["device"]},
         "limit": {**limit, "convolutions": shapes, "bandwidth": bandwidth, "elementwise_bytes": traffic,
                   "efficiency": limit["step_ms"] / floor_stats["mean"]},
         "flops": {"train_step": flops["train_step"], "convolution_forward": conv_fwd_flops,
@@ -227,7 +189,8 @@ def floor_only(device: torch.device, batch: int, rounds: int, steps: int, distin
     floor = time_rounds(step, batches, device, rounds, steps)
     flops = step_flops(batch)
     record = floor_record(floor, batch, steps, flops["train_step"])
-    return {"batch": batch, "distinct_batches": distinct, "floor": record, "flops": {"train_step": flops["train_step"]}}
+    return {"batch": batch, "distinct_batches": distinct, "floor": record, "flops": {"train_step": flops["train_step"]},
+            "graphs": precompile.graphs([batch])}
 
 
 def pooled_floor(args: argparse.Namespace) -> dict:

@@ -85,6 +85,7 @@ class Machine:
         self._check_machine([*main, *evidence])
         self._check_seeds()
         self._check_pooled()
+        self._check_graphs(main)
         commits = self.commits()
         if len(commits) > 1 and not set(commits) <= set(self.note.get("commits") or []):
             column = Counter(_short(r.env.git_commit) for _, r in main).most_common(1)[0][0]
@@ -136,6 +137,20 @@ class Machine:
             if told and told != seeds:
                 raise UserError(f"{where}: holds seeds {', '.join(map(str, seeds))}, its summary.json aggregated "
                                 f"{', '.join(map(str, told))}")
+
+    def _check_graphs(self, files: list[tuple[Path, object]]) -> None:
+        """Training and its floor ran the same graphs: where files record them (precompile.graphs), one shape
+        rule (static or dynamic) in the column, and the floor's batch among every spec run's static sizes."""
+        recorded = [(p, r.graphs) for p, r in files if getattr(r, "graphs", None) is not None]
+        if len({g.dynamic for _, g in recorded}) > 1:
+            raise UserError(f"{self.folder}: files compiled with static and with dynamic shapes in one column "
+                            f"({', '.join(str(p.relative_to(self.folder)) for p, _ in recorded)})")
+        floors = {b for p, g in recorded if "floor" in p.name or "step_breakdown" in p.name or
+                  "floor-processes" in p.parts for b in g.batch_sizes}
+        for path, run in zip(self.run_paths, self.runs, strict=True):
+            if run.graphs is not None and not run.graphs.dynamic and not floors <= set(run.graphs.batch_sizes):
+                raise UserError(f"{path}: compiled batch sizes {run.graphs.batch_sizes}, not the floor's "
+                                f"{sorted(floors)}: training and its floor ran different graphs")
 
     def _check_pooled(self) -> None:
         """floor.json's pooled floor is the mean of the floor-processes/ files it names, value by value."""

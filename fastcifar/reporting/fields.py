@@ -158,5 +158,15 @@ class Env(Record):
     run_id: str | None = None
 
 
+class Graphs(Record):
+    """The compiled graphs a run recorded (precompile.graphs): static shapes or not, for which batch sizes."""
+    dynamic: bool
+    batch_sizes: Annotated[list[Count], Field(min_length=1)]
+    unique_graphs: Count
+    frames_compiled: Annotated[int, Field(ge=0, le=MAX_INT)]
+    at_end: Count | None = None
+
+
 class Recorded(Record):
     env: Env
+    graphs: Graphs | None = None

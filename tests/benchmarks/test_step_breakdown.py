@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastcifar import trace_breakdown
 from fastcifar.benchmarks import step_breakdown
 from fastcifar.reporting import records
 from fastcifar.utils import UserError
@@ -32,8 +33,8 @@ def test_the_breakdown_attributes_the_step_from_its_trace(tmp_path, monkeypatch)
     assert children() == before  # no process started (and none left behind)
 
     cats = result["profiled"]["categories"]
-    assert list(cats) == step_breakdown.CATEGORIES
-    named = sum(cats[c]["ms"] for c in step_breakdown.CATEGORIES)
+    assert list(cats) == trace_breakdown.CATEGORIES
+    named = sum(cats[c]["ms"] for c in trace_breakdown.CATEGORIES)
     assert named == result["profiled"]["sum_ms"]
     # from the trace, not a remainder: they cover at least 90 % of the profiled steps' own ranges (a comparison
     # with the unprofiled step would be a timed assertion, which a loaded machine breaks: the committed column
@@ -57,7 +58,7 @@ def test_the_picture_and_the_summary(tmp_path):
     result = {"batch": 8, "floor": {"step_ms": 10.0, "images_per_s": 800.0, "gflops": 1.0},
               "kernel_profile_build_step_ms": 11.0,
               "profiled": {"step_ms": 12.0, "categories": {c: {"ms": 1.5, "share": 0.125} for c in
-                                                            step_breakdown.CATEGORIES}},
+                                                            trace_breakdown.CATEGORIES}},
               "limit": {"convolutions_ms": 5.0, "elementwise_ms": 1.0, "optimizer_ms": 0.5, "step_ms": 6.5,
                         "efficiency": 0.65, "bandwidth": {"gbs": 20.0}}}
     step_breakdown.plot(result, tmp_path / "b.png")
@@ -77,6 +78,7 @@ def test_the_floor_pooled_over_separate_processes(tmp_path):
     steps = [e["floor"]["step_ms"] for e in each]
     assert all(len(e["floor"]["step_ms_per_round"]) == 2 for e in each)
     assert all(e["inductor_config"] == {"cpp.simdlen": None} for e in each)  # every process the same settings
+    assert all(e["graphs"]["dynamic"] is False and e["graphs"]["batch_sizes"] == [8] for e in each)
     floor = pooled["floor"]
     assert floor["step_ms_per_process"] == steps and floor["processes"] == 2
     assert math.isclose(floor["step_ms"], sum(steps) / 2)

@@ -354,3 +354,20 @@ def test_a_column_reads_records_never_raw_dicts():
     assert all(isinstance(f, records.Record) for f in files)
     with pytest.raises(KeyError):
         m.loader.pipelines["ffcv"]["ratio_to_torch"]  # in the file, not declared: no table can read it
+
+
+def graphs(sizes: list[int], dynamic: bool = False):
+    return at("graphs", {"dynamic": dynamic, "batch_sizes": sizes, "unique_graphs": 3, "frames_compiled": 3})
+
+
+@pytest.mark.parametrize("run_sizes, floor_dynamic, message", [
+    ([128, 72], False, None), ([64, 8], False, "training and its floor ran different graphs"),
+    ([128, 72], True, "static and with dynamic shapes in one column")])
+def test_training_and_its_floor_ran_the_same_graphs(checkout, capsys, run_sizes, floor_dynamic, message):
+    with changed(col(checkout, "step_breakdown.json"), graphs([128], floor_dynamic)):
+        if message is None:
+            with changed(col(checkout, "spec/runs/ffcv-seed0.json"), graphs(run_sizes)):
+                assert render_once(checkout, capsys)[0] == 0
+        else:
+            refused(checkout, capsys, col(checkout, "spec/runs/ffcv-seed0.json"), graphs(run_sizes), message,
+                    named="amd-epyc")
