@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from .devices import device_name, synchronize
 from .env import environment, seconds_since_process_start, set_cudnn, set_float32_precision
 from .flops import attainable_probe, run_utilisation
 from .model import count_parameters, resnetv2_20
+from .optim import adamw
 from .precompile import compile_model, frozen, graphs, import_compiler, mark_step, warm_up_evaluation, warm_up_run
 from .profiling import (
     BACKWARD_RANGE,
@@ -75,6 +75,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="torch.compile the model (train and eval) and the on-device augmentation")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile mode of the model, with --compile (the device op always uses default)")
+    p.add_argument("--memory-format", default="channels-last", choices=["channels-last", "contiguous"],
+                   help="model and batches channels-last (the spec's) or contiguous NCHW (plain PyTorch: the ladder)")
     p.add_argument("--tf32", action="store_true",
                    help="let cuDNN convolutions and matmuls use TF32 on GPUs (not float32: off by default)")
     p.add_argument("--deterministic", action="store_true",
@@ -92,7 +94,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="epoch to profile (2: after FFCV's first-epoch JIT; capped at --epochs)")
     args = p.parse_args(argv)
     args.profile_schedule = parse_profile_steps(args.profile_steps)
-    for name, low in [("epochs", 1), ("batch_size", 1), ("workers", 1), ("max_steps_per_epoch", 1),
+    workers_low = 0 if args.loader == "torch" else 1  # the DataLoader's 0: transforms in the training process
+    for name, low in [("epochs", 1), ("batch_size", 1), ("workers", workers_low), ("max_steps_per_epoch", 1),
                       ("profile_epoch", 1)]:
         value = getattr(args, name)
         if value is not None and value < low:
@@ -101,24 +104,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--lr must be a positive number, got {args.lr}")
     if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
         raise UserError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.compile and args.memory_format == "contiguous":  # its warm-up compiles for the loaders' NHWC batches
+        raise UserError("--memory-format contiguous runs eager (plain PyTorch's layout); drop it or --compile")
     return args
-
-
-ADAMW = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
-
-
-def adamw(params, device: torch.device, lr: float, weight_decay: float) -> tuple[torch.optim.Optimizer, dict]:
-    """The spec's AdamW (betas 0.9/0.999), fused: one kernel per parameter group on CUDA (a step of many
-    small kernels is launch-bound there) and on a CPU, where torch's default is its per-parameter loop
-    (foreach is CUDA's default only): six ops and an `.item()` per parameter per step. FASTCIFAR_ADAMW
-    picks torch's other two (foreach, for-loop) for a whole process, as step_options tries them. Returns
-    the optimizer and what was chosen, for `env`."""
-    implementation = os.environ.get("FASTCIFAR_ADAMW", "fused")
-    if implementation not in ADAMW:
-        raise UserError(f"FASTCIFAR_ADAMW={implementation} is not one of {', '.join(ADAMW)}")
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay,
-                                  **ADAMW[implementation])
-    return optimizer, {"name": "AdamW", "fused": implementation == "fused", "implementation": implementation}
 
 
 def compiled(model: nn.Module, compile_mode: str | None) -> nn.Module:
@@ -143,7 +131,7 @@ def _batches(loader, max_steps: int | None) -> int:
 
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, device: torch.device,
                 timer: StepTimer, max_steps: int | None = None, desc: str = "train",
-                on_step=None, compile_mode: str | None = None, on_first_batch=None) -> dict:
+                on_step=None, compile_mode: str | None = None, on_first_batch=None, contiguous: bool = False) -> dict:
     """One pass over the train loader. Loss and accuracy are summed on the device (no per-step sync).
     Under torchrun the sums and counts are added over the ranks, the epoch takes as long as the
     slowest rank, and the data/compute split is each rank's (their mean here, every rank's in *_per_rank).
@@ -168,6 +156,8 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, devi
             if batches is None:  # FFCV starts its prefetch (and on epoch 1 compiles) here: data time
                 batches = iter(loader)
             batch = next(batches, None)
+            if contiguous and batch is not None:
+                batch = (batch[0].contiguous(), *batch[1:])
         if batch is None:
             break
         images, labels, _ = batch
@@ -335,7 +325,9 @@ def run(args: argparse.Namespace, entered: float) -> int:
     if args.loader == "synthetic":
         say("note: --loader synthetic feeds one fixed random batch: it measures the compute-only floor "
             "and trains nothing meaningful (its accuracies are chance)", flush=True)
-    model = resnetv2_20().to(device=device, memory_format=torch.channels_last)
+    contiguous = args.memory_format == "contiguous"  # batches made NCHW in the data phase (loaders give NHWC)
+    layout = torch.contiguous_format if contiguous else torch.channels_last
+    model = resnetv2_20().to(device=device, memory_format=layout)
     optimizer, env["optimizer"] = adamw(model.parameters(), device, args.lr, args.weight_decay)
     net = distributed.wrap(compiled(model, compile_mode), device)  # under torchrun: DDP
     env["process_group"] = distributed.backend()
@@ -385,7 +377,7 @@ def run(args: argparse.Namespace, entered: float) -> int:
                 stats = train_epoch(net, loaders["train"], optimizer, device, timer, args.max_steps_per_epoch,
                                     desc=f"epoch {epoch}/{args.epochs}" + (" (profiling)" if profiler else ""),
                                     on_step=profiler.step if profiler else None, compile_mode=compile_mode,
-                                    on_first_batch=first_step if epoch == 1 else None)
+                                    on_first_batch=first_step if epoch == 1 else None, contiguous=contiguous)
             if profiler:
                 traces, breakdown = profiler.traces, profiler.breakdown
             if epoch == 1 and args.compile:

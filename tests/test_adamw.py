@@ -1,4 +1,4 @@
-"""The trainer's AdamW on a CPU is torch's fused one (train.adamw); torch's for-loop and foreach give the same
+"""The trainer's AdamW on a CPU is torch's fused one (optim.adamw); torch's for-loop and foreach give the same
 steps within float32 rounding, and FASTCIFAR_ADAMW picks them for a process. Fixed gradients, not the model's:
 AdamW's first steps move each weight by about lr * sign(gradient), so two runs whose gradients differ in the
 last bit near zero drift apart by ~lr however exact the optimizer is."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastcifar.model import resnetv2_20
-from fastcifar.train import ADAMW, adamw
+from fastcifar.optim import ADAMW, adamw
 from fastcifar.utils import UserError
 
 CPU = torch.device("cpu")

@@ -17,9 +17,10 @@ import torch
 from fastcifar.augment import IMAGENET_MEAN, IMAGENET_STD, crop_flip_normalize
 from fastcifar.data import make_loader, make_loaders, read_beton
 from fastcifar.model import resnetv2_20
+from fastcifar.optim import adamw
 from fastcifar.precompile import frozen, warm_up_run
 from fastcifar.profiling import DATA_RANGE, StepTimer
-from fastcifar.train import adamw, train_epoch
+from fastcifar.train import train_epoch
 
 pytestmark = [
     pytest.mark.cuda,
@@ -103,7 +104,7 @@ def test_a_batch_kept_past_later_iterations_is_unchanged(small_data):
 
 
 def test_fused_adamw_equals_the_unfused_steps():
-    """The trainer's AdamW on CUDA is fused=True (train.adamw): five steps from the same parameters with
+    """The trainer's AdamW on CUDA is fused=True (optim.adamw): five steps from the same parameters with
     the same gradients equal torch's foreach steps within float32 rounding. Fixed gradients, not
     the model's: AdamW's first steps move each weight by about lr * sign(gradient), so two runs of
     the model whose gradients differ in the last bit near zero drift apart by ~lr however exact

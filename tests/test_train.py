@@ -185,6 +185,8 @@ def test_evaluate_reproduces_the_run(cli_run, small_data):
 @pytest.mark.parametrize("args, message", [
     (["--epochs", "-1"], "--epochs must be at least 1"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--workers", "0"], "--workers must be at least 1"),  # ffcv's threads; the DataLoader's 0 is --loader torch's
+    (["--compile", "--memory-format", "contiguous"], "--memory-format contiguous runs eager"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--lr", "nan"], "--lr must be a positive number"),
     (["--compile-mode", "fast"], "invalid choice"),

@@ -42,10 +42,11 @@ from ..env import environment, set_cudnn, set_float32_precision
 from ..flops import attainable_probe, flops_record, utilisation
 from ..loaders.spdl_loader import spdl_version
 from ..model import resnetv2_20
+from ..optim import adamw
 from ..precompile import batch_sizes, compile_model, frozen, graphs, warm_up_run
 from ..profiling import StepTimer
 from ..reporting.stats import describe, percent_interval
-from ..train import adamw, train_epoch
+from ..train import train_epoch
 from ..utils import ArgumentParser, UserError, run_cli, writable_file, write_json_atomic
 
 # Forced variants of `ffcv` (end to end only): the pipeline and what make_loaders is given.

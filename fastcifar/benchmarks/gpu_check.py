@@ -136,9 +136,9 @@ def timer_overhead(device_name: str, smoke: bool, steps: int, out_json: Path) ->
     from ..devices import synchronize
     from ..env import set_cudnn
     from ..model import resnetv2_20
+    from ..optim import adamw
     from ..precompile import compile_model
     from ..profiling import StepTimer
-    from ..train import adamw
 
     device = torch.device(device_name)
     set_cudnn(device, deterministic=False)  # the trainer's defaults

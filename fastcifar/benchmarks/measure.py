@@ -20,6 +20,8 @@ Stages, in order, each a separate process with its log under OUT/<machine>/logs/
   startup     `fastcifar.bench_startup -- --compile` (one cold run, then --startup-repeats warm ones)
   probe       the device's attainable fp32 rate (the median of 5 matmul-and-conv probes: the column's one
               rate) and the step's FLOPs, alone (probe.json)
+  ladder      `fastcifar.ladder --processes 3`: plain PyTorch to fastcifar, one change per rung, each rung in
+              3 processes timing a whole epoch after an untimed one (ladder/)
 Everything goes to OUT/<machine>/ (default docs/results/<machine>/, the machine named from its CPU or GPU
 model and core count: `env.machine_name`), with the commit in every JSON. Resumable: a stage whose
 output exists from this commit is not redone (a run of the spec seeds likewise); one from another commit
@@ -40,28 +42,30 @@ from pathlib import Path
 
 from .. import __version__
 from ..reporting import records
+from ..reporting.ladder import LadderFile
 from ..reporting.machines import belongs, machine_name
 from ..utils import ArgumentParser, UserError, child_env, plain_name, run_cli, write_json_atomic
 from .stages import StageRunner, check_budget, parse_stages
 
 STAGES = ["warm-up", "spec", "breakdown", "floor", "loader", "end-to-end", "end-to-end-2", "end-to-end-3", "startup",
-          "probe"]
+          "probe", "ladder"]
 # Seconds per stage before anything is measured here (a 2-core CPU); the spec's is replaced by the
 # warm-up epoch's measured time x 10 epochs x seeds once the warm-up ran.
 ESTIMATE_S = {"warm-up": 300, "spec": 3 * 2500, "breakdown": 300, "floor": 300, "loader": 240, "end-to-end": 1200,
-              "end-to-end-2": 400, "end-to-end-3": 400, "startup": 300, "probe": 30}
+              "end-to-end-2": 400, "end-to-end-3": 400, "startup": 300, "probe": 30, "ladder": 18 * 200}
 OUTPUT = {"warm-up": "cold-start.json", "spec": "spec/summary.json", "breakdown": "step_breakdown.json",
           "floor": "floor.json",
           "loader": "bench_loader.json",
           "end-to-end": "bench_end_to_end.json", "end-to-end-2": "end-to-end-processes/process-2.json",
-          "end-to-end-3": "end-to-end-processes/process-3.json", "startup": "bench_startup.json", "probe": "probe.json"}
+          "end-to-end-3": "end-to-end-processes/process-3.json", "startup": "bench_startup.json", "probe": "probe.json",
+          "ladder": "ladder/ladder.json"}
 
 
 # What each stage's output must pass to count as done: the record the renderer reads it as.
 MODELS = {"warm-up": records.Run, "spec": records.SpecSummary, "breakdown": records.BreakdownFile,
           "floor": records.FloorFile, "loader": records.LoaderFile, "end-to-end": records.EndToEndFile,
           "end-to-end-2": records.EndToEndFile, "end-to-end-3": records.EndToEndFile,
-          "startup": records.StartupFile, "probe": records.ProbeFile}
+          "startup": records.StartupFile, "probe": records.ProbeFile, "ladder": LadderFile}
 RUN_ID = "FASTCIFAR_RUN_ID"  # set for every stage's process; recorded as env.run_id (env.environment)
 
 
@@ -191,6 +195,8 @@ def commands(name: str, args: argparse.Namespace, folder: Path) -> list[str]:
         return [py, "-m", "fastcifar.bench_loader", *common, "--end-to-end", "--loaders", loaders,
                 "--repeats", str(args.e2e_repeats), "--max-steps", str(args.e2e_steps),
                 "--out", str(folder / OUTPUT[name])]
+    if name == "ladder":
+        return [py, "-m", "fastcifar.ladder", *common, "--processes", "3", "--out", str(folder / "ladder")]
     if name == "startup":
         return [py, "-m", "fastcifar.bench_startup", "--data-dir", data, "--repeats", str(args.startup_repeats),
                 "--out", str(folder / OUTPUT["startup"]), "--", "--compile", "--device", args.device]

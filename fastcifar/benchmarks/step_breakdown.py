@@ -41,10 +41,10 @@ from .. import precompile, trace_breakdown
 from ..devices import resolve_device, synchronize
 from ..env import environment, set_cudnn, set_float32_precision
 from ..model import resnetv2_20
+from ..optim import adamw
 from ..reporting import records as typed
 from ..reporting.stats import describe, prediction95
 from ..trace_breakdown import STEP_RANGE
-from ..train import adamw
 from ..utils import ArgumentParser, UserError, run_cli, writable_file, writable_folder, write_json_atomic
 from .step_limit import bandwidth_gbs, best_ms, conv_limit, conv_shapes, elementwise_bytes
 

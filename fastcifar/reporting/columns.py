@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..utils import UserError
-from . import records
+from . import ladder, records
 from .machines import belongs, isa_tag, machine_name, note_machine_name
 
 # startup/: bench_startup's files, except the runs of the trainer and a trial of its own.
@@ -68,6 +68,8 @@ class Machine:
         # spdl/: --loader spdl beside ffcv, isolated and end to end, one process per file (their own commit)
         self.spdl = [(p, read(p, records.LoaderFile if p.name.startswith("isolated") else records.EndToEndFile))
                      for p in sorted((folder / "spdl").glob("*.json"))]
+        # ladder/: plain PyTorch -> fastcifar, one change per rung (its own commit until make results runs it)
+        self.ladder = read(folder / "ladder" / "ladder.json", ladder.LadderFile)
         main = [(p, r) for p, r in [*zip(self.run_paths, self.runs, strict=True),
                                     (folder / "bench_loader.json", self.loader),
                                     (folder / "bench_end_to_end.json", self.e2e),
@@ -78,7 +80,8 @@ class Machine:
                                     *self.floor_processes] if r is not None]
         evidence = [*self.candidates, *(pr for _, sweep in self.option_sweeps for pr in sweep), *self.options,
                     *((startup / name, r) for name, r in self.startup_files.items()),
-                    *([(folder / "setup.json", self.setup)] if self.setup else []), *self.spdl]
+                    *([(folder / "setup.json", self.setup)] if self.setup else []), *self.spdl,
+                    *([(folder / "ladder" / "ladder.json", self.ladder)] if self.ladder else [])]
         self.envs = [r.env for _, r in main]
         if not self.envs:
             raise UserError(f"{folder}: no results JSON with an env")

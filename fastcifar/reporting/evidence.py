@@ -8,7 +8,9 @@ import statistics
 from . import records
 from .columns import Machine
 from .records import PIECES
-from .tables import _piece, _settings
+from .stats import prediction95
+from .tables import _piece, _settings, settings
+from .verdicts import TARGETS, target, verdict
 
 
 def startup_before_after(ms: list[Machine]) -> str:
@@ -42,6 +44,21 @@ def _typical(run: dict) -> float:
     return statistics.median(run["floor"]["step_ms_per_round"])
 
 
+def _step_limit_between_processes(runs: list[dict]) -> str:
+    """The defaults' step against its own limit, each process its own ratio (its floor over the limit it
+    measured), judged by the 95 % prediction interval of one more process: the target's rule."""
+    ratios = [r["floor"]["step_ms"] / r["limit"]["step_ms"] for r in runs]
+    if not ratios:
+        return "No process of the defaults: no step-against-limit verdict from this sweep."
+    pi = prediction95(ratios)
+    comparison, bound, _ = TARGETS["step_limit"]
+    enough = len(ratios) >= 5
+    judged = verdict(pi, comparison, bound) if enough else f"not resolved ({len(ratios)} processes; the rule needs 5)"
+    where = f"one more process, 95 %: {pi[0]:.2f}–{pi[1]:.2f}×" if pi else "one process: no interval"
+    return (f"The defaults' step against its own limit, per process: {', '.join(f'{v:.2f}×' for v in ratios)} "
+            f"({where}); {target('step_limit')}: {judged}.")
+
+
 def step_options(ms: list[Machine]) -> str:
     """Per machine, per step-options*/ folder (one sweep each, its own baseline): each option's compiled step
     (step_breakdown's floor) in every process, against the defaults'. A process is judged by its median
@@ -52,9 +69,10 @@ def step_options(ms: list[Machine]) -> str:
         runs = [r for _, r in sweep]
         if not runs:
             continue
+        common = dict(set.intersection(*(set(settings(r).items()) for r in runs)))  # the sweep's own defaults
         by: dict[str, list[dict]] = {}
         for run in runs:
-            by.setdefault(_settings(run), []).append(run)
+            by.setdefault(_settings(run, common), []).append(run)
         base = [_typical(r) for r in by.get("(defaults)", [])]
         commits = sorted({(r["env"].get("git_commit") or "?")[:7] for r in runs})
         out += [f"`{m.name}` ({m.label()}), commit {', '.join(commits)}: the compute-only step "
@@ -76,7 +94,7 @@ def step_options(ms: list[Machine]) -> str:
                         "no: within the spread of the baseline's processes")
             each = " / ".join(f"{_typical(r):.1f} ({r['floor']['step_ms']:.1f})" for r in group)
             out.append(f"| {name} | {each} | {mean:.1f} | {vs} | {limit:.1f} | {kept} |")
-        out.append("")
+        out += ["", _step_limit_between_processes(by.get("(defaults)", []))]
     return "\n".join(out).rstrip() or "No machine has step options measured yet."
 
 

@@ -42,3 +42,23 @@ def prediction95(values: list[float]) -> list[float] | None:
 def percent_interval(ci: list[float] | None) -> str:
     """A relative 95 % interval (e.g. an overhead) in percent, "-" when there is none (one round)."""
     return "-" if not ci else f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] %"
+
+
+def ratio95(before: list[float], after: list[float]) -> dict:
+    """How many times faster `after` is than `before` (times, e.g. seconds per epoch, each from its own
+    processes): the ratio of their geometric means, and its 95 % interval between processes — Welch's t on
+    the logarithms (unequal spreads, Welch-Satterthwaite degrees of freedom); None with fewer than 2 each.
+    `resolved`: the interval excludes 1 (a difference the processes can tell)."""
+    la, lb = [math.log(v) for v in before], [math.log(v) for v in after]
+    diff = statistics.fmean(la) - statistics.fmean(lb)
+    out = {"ratio": math.exp(diff), "ci95": None, "resolved": False}
+    if len(la) < 2 or len(lb) < 2:
+        return out
+    va, vb = statistics.variance(la) / len(la), statistics.variance(lb) / len(lb)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return {**out, "ci95": [out["ratio"], out["ratio"]], "resolved": diff != 0}
+    df = (va + vb) ** 2 / (va ** 2 / (len(la) - 1) + vb ** 2 / (len(lb) - 1))
+    t = T975[max(1, min(len(T975), int(df))) - 1] if df <= len(T975) else 1.96  # rounded down: wider
+    low, high = math.exp(diff - t * se), math.exp(diff + t * se)
+    return {**out, "ci95": [low, high], "resolved": low > 1 or high < 1}

@@ -302,13 +302,19 @@ def _piece(run: dict, key: str) -> float | None:
     return sum(run[k] for k in DATA_PIPELINE) if key == "data_pipeline_s" else None
 
 
-OPTION_PREFIXES = ("OMP_", "GOMP_", "KMP_", "TORCHINDUCTOR_", "NUMBA_", "THP_", "MALLOC_")
+OPTION_PREFIXES = ("OMP_", "GOMP_", "KMP_", "TORCHINDUCTOR_", "NUMBA_", "THP_", "MALLOC_", "FASTCIFAR_ADAMW")
 OPTION_IGNORED = ("TORCHINDUCTOR_CACHE_DIR", "NUMBA_CACHE_DIR", "TORCHINDUCTOR_COMPILE_THREADS")
 
 
-def _settings(run: dict) -> str:
-    """The settings a step_options run was given, from its own record: '(defaults)' when none."""
+def settings(run: dict) -> dict[str, object]:
+    """The settings a step_options run ran with, from its own record."""
     env = run["env"].get("environment_variables") or {}
     chosen = {k: v for k, v in env.items() if k.startswith(OPTION_PREFIXES) and k not in OPTION_IGNORED}
-    chosen |= {f"torch._inductor.config.{k}": v for k, v in (run.get("inductor_config") or {}).items()}
+    return chosen | {f"torch._inductor.config.{k}": v for k, v in (run.get("inductor_config") or {}).items()}
+
+
+def _settings(run: dict, common: dict | None = None) -> str:
+    """A run's settings as a label, less those every run of its sweep shares (`common`: the defaults of the
+    commit it ran at, e.g. fastcifar's own THP_MEM_ALLOC_ENABLE=1): '(defaults)' when none is left."""
+    chosen = {k: v for k, v in settings(run).items() if (common or {}).get(k, object()) != v}
     return " ".join(f"`{k}={v}`" for k, v in sorted(chosen.items())) or "(defaults)"

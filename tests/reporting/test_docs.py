@@ -61,6 +61,9 @@ def test_every_verdict_in_the_rendered_headline_matches_its_interval():
             found = re.search(r"\(([-+\d.]+) … ([-+\d.]+)", cell)
             if not found or ":" not in cell:
                 continue
+            if "within one process" in cell:  # an interval within one process never decides a verdict
+                assert cell.endswith(")") and ": not resolved (one process" in cell, row
+                continue
             ci = [float(found.group(1)), float(found.group(2))]
             assert cell.rsplit(": ", 1)[1] == render.verdict(ci, op, bound), row
             checked += 1
