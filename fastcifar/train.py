@@ -83,6 +83,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="on CUDA: cuDNN's deterministic algorithms, no autotuning (default: cudnn.benchmark)")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, metavar="N",
                    help="stop each epoch (and each evaluation) after N batches: for smoke runs")
+    p.add_argument("--warm-up-steps", type=int, default=0, metavar="N",
+                   help="benchmarks (the ladder): N untimed training steps before the first epoch, so its clock starts "
+                        "warm (FFCV's JIT, the DataLoader's workers); they train the model too")
     p.add_argument("--out", type=Path, default=Path("results"), help="results folder")
     p.add_argument("--run-name", default=None, help="name of the results files; None: <date>-<time>-<device>")
     p.add_argument("--profile", action="store_true",
@@ -96,6 +99,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.profile_schedule = parse_profile_steps(args.profile_steps)
     workers_low = 0 if args.loader == "torch" else 1  # the DataLoader's 0: transforms in the training process
     for name, low in [("epochs", 1), ("batch_size", 1), ("workers", workers_low), ("max_steps_per_epoch", 1),
+                      ("warm_up_steps", 0),
                       ("profile_epoch", 1)]:
         value = getattr(args, name)
         if value is not None and value < low:
@@ -370,6 +374,9 @@ def run(args: argparse.Namespace, entered: float) -> int:
     scorer = distributed.unwrap(net)  # evaluation runs no collective: each rank scores its own images
     eval_warm_up_s = 0.0
     with frozen():
+        if args.warm_up_steps:  # untimed: the epochs' clocks start after it
+            train_epoch(net, loaders["train"], optimizer, device, timer, args.warm_up_steps, desc="warm-up steps",
+                        compile_mode=compile_mode, contiguous=contiguous)
         for epoch in range(1, args.epochs + 1):
             profiler = TraceProfiler(profile_dir, device, args.profile_schedule) if (
                 profile and epoch == profile_epoch) else None

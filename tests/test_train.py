@@ -107,9 +107,10 @@ def test_cli_writes_six_metrics_and_weights(cli_run):
     assert metrics["env"]["seed"] == 0 and metrics["env"]["torch"] == torch.__version__
     assert metrics["test_images"] == 110 and metrics["val_images"] == 50  # one capped batch holds each split
     assert "test accuracy (110)" in result.stdout and "epoch  2/2" in result.stdout
-    # what ran: no process group without torchrun, the CPU's AdamW, cuDNN's settings not applying
+    # what ran: no process group without torchrun, the fused AdamW (on a CPU too), cuDNN's settings not applying
     env = metrics["env"]
-    assert env["process_group"] is None and env["optimizer"] == {"name": "AdamW", "fused": False}
+    assert env["process_group"] is None
+    assert env["optimizer"] == {"name": "AdamW", "fused": True, "implementation": "fused"}
     assert env["cudnn"]["applies"] is False
     # start-up: process start -> first training step, and the pieces it is made of
     startup = metrics["startup"]

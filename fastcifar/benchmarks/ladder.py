@@ -9,9 +9,9 @@ remaining default of `python -m fastcifar.train --compile` (fused AdamW, huge pa
 rung is a change a PyTorch user can make alone, cheapest first, and each later one needs the one before
 (Inductor's layout choices assume channels-last; FFCV's device op ends in the compiled graph's layout).
 
-Each process trains --epochs epochs (default 2): the first is its untimed warm-up (FFCV's JIT, the
-DataLoader's workers starting, caches), after the compile warm-up the trainer does before its first step;
-the last is timed whole, every step of it, the last partial batch included. --processes rounds, each
+Each process trains --warm-up-steps untimed steps (FFCV's JIT, the DataLoader's workers starting, caches;
+after the compile warm-up the trainer does before its first step), then one epoch timed whole, every step
+of it, the last partial batch included. --processes rounds, each
 running every rung once in an order drawn from --seed (recorded), so a machine drifting over the minutes
 favours no rung. Writes OUT/runs/<rung>-<round>.json (the trainer's JSON), OUT/ladder.json (each rung's
 epoch time over its processes with the 95 % interval of the mean, each rung's gain over the one before and
@@ -61,7 +61,7 @@ def timed_epoch(path: Path) -> dict:
             "data_fraction": last["data_fraction"]}
 
 
-def summarize(chosen: list[dict], order: list[list[str]], out: Path, seed: int, epochs: int) -> dict:
+def summarize(chosen: list[dict], order: list[list[str]], out: Path, seed: int, warm_up_steps: int) -> dict:
     """ladder.json from the runs in OUT/runs/: every rung's epochs over its processes, the gains between them."""
     rows = []
     for rung in chosen:
@@ -77,7 +77,8 @@ def summarize(chosen: list[dict], order: list[list[str]], out: Path, seed: int, 
     first = json.loads((out / rows[0]["processes"][0]["file"]).read_text())
     return {"rungs": rows, "speedup": ratio95([p["epoch_s"] for p in rows[0]["processes"]],
                                               [p["epoch_s"] for p in rows[-1]["processes"]]),
-            "order": order, "seed": seed, "epochs": epochs, "processes": len(order), "env": first["env"]}
+            "order": order, "seed": seed, "warm_up_steps": warm_up_steps, "processes": len(order),
+            "env": first["env"]}
 
 
 def plot(ladder: dict, path: Path) -> None:
@@ -131,13 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="betons from tools/make_beton.py")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda")
     p.add_argument("--processes", type=int, default=3, help="rounds: processes per rung (at least 3 for a verdict)")
-    p.add_argument("--epochs", type=int, default=2, help="epochs per process: the last is timed, the others warm up")
+    p.add_argument("--warm-up-steps", type=int, default=40, help="untimed steps per process before its timed epoch")
     p.add_argument("--rungs", default=None, help="comma-separated, from the ladder's rungs in order (default: all)")
     p.add_argument("--seed", type=int, default=0, help="the rounds' order of rungs is drawn from it")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests: tiny epochs
     args = p.parse_args(argv)
-    if args.processes < 1 or args.epochs < 2:
-        raise UserError("--processes must be at least 1 and --epochs at least 2 (one warm-up, one timed)")
+    if args.processes < 1 or args.warm_up_steps < 1:
+        raise UserError("--processes and --warm-up-steps must be at least 1")
     every = rungs(os.cpu_count() or 1)
     names = [r["name"] for r in every]
     wanted = names if args.rungs is None else [n.strip() for n in args.rungs.split(",")]
@@ -175,12 +176,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 env.pop(var, None)  # the fastcifar rung runs with the defaults
             extra = ["--max-steps-per-epoch", str(args.max_steps_per_epoch)] if args.max_steps_per_epoch else []
             runner.run(f"{name}-{k}", [sys.executable, "-m", "fastcifar.train", "--data-dir", str(args.data_dir),
-                                       "--device", args.device, "--epochs", str(args.epochs), *rung["flags"],
+                                       "--device", args.device, "--epochs", "1", "--warm-up-steps",
+                                       str(args.warm_up_steps), *rung["flags"],
                                        *extra, "--out", str(args.out / "runs"), "--run-name", f"{name}-{k}"],
                        env, tag=f"[round {k}/{args.processes} {name}]")
     if runner.failed():
         raise UserError(f"ladder runs failed: {', '.join(runner.failed())} (logs in {args.out / 'logs'})")
-    ladder = summarize(chosen, order, args.out, args.seed, args.epochs)
+    ladder = summarize(chosen, order, args.out, args.seed, args.warm_up_steps)
     write_json_atomic(args.out / "ladder.json", ladder)
     plot(ladder, args.out / "ladder.png")
     print(table(ladder))

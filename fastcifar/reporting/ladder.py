@@ -70,7 +70,7 @@ class LadderFile(Recorded):
     speedup: Ratio
     order: Annotated[list[list[str]], Field(min_length=1)]
     seed: int
-    epochs: Annotated[int, Field(ge=2, le=1000)]
+    warm_up_steps: Count
     processes: Count
 
     @model_validator(mode="after")
@@ -111,8 +111,9 @@ def section(columns: list[tuple[str, str, LadderFile | None]]) -> str:
             continue
         rows = [f"**{label}** ([ladder/ladder.json](results/{name}/ladder/ladder.json), "
                 f"[picture](results/{name}/ladder/ladder.png); commit {(lad.env.git_commit or '?')[:7]}, "
-                f"{lad.processes} processes per rung, rounds in a random order from seed {lad.seed}, the last "
-                f"of {lad.epochs} epochs timed whole, {lad.rungs[0].processes[0].images:,} images):", "",
+                f"{lad.processes} processes per rung, rounds in a random order from seed {lad.seed}, one epoch "
+                f"timed whole after {lad.warm_up_steps} untimed steps, {lad.rungs[0].processes[0].images:,} "
+                "images):", "",
                 "| rung | adds | s per epoch (95 % interval of the mean) | gain over the rung before (95 %) |",
                 "|---|---|---:|---:|"]
         for r in lad.rungs:

@@ -17,7 +17,8 @@ from fastcifar.utils import run_cli
 def test_two_rungs_in_two_rounds(small_data, tmp_path, capsys):
     out = tmp_path / "ladder"
     assert ladder.main(["--out", str(out), "--data-dir", str(small_data), "--device", "cpu", "--rungs",
-                        "plain,channels-last", "--processes", "2", "--max-steps-per-epoch", "2", "--seed", "7"]) == 0
+                        "plain,channels-last", "--processes", "2", "--max-steps-per-epoch", "2", "--seed", "7",
+                        "--warm-up-steps", "2"]) == 0
     result = json.loads((out / "ladder.json").read_text())
     rng = random.Random(7)
     assert result["order"] == [rng.sample(["plain", "channels-last"], 2) for _ in range(2)]  # drawn, recorded
@@ -28,7 +29,8 @@ def test_two_rungs_in_two_rounds(small_data, tmp_path, capsys):
     assert run["config"]["loader"] == "torch" and run["config"]["compile"] is False
     assert run["env"]["optimizer"]["implementation"] == "torch-default"  # torch's own AdamW
     assert run["env"]["environment_variables"]["THP_MEM_ALLOC_ENABLE"] == "0"
-    assert plain["processes"][0]["epoch_s"] == run["epochs"][-1]["seconds"]  # the last epoch, timed whole
+    assert run["config"]["warm_up_steps"] == 2 and len(run["epochs"]) == 1  # untimed steps, then one epoch
+    assert plain["processes"][0]["epoch_s"] == run["epochs"][0]["seconds"]
     cl = json.loads((out / last["processes"][1]["file"]).read_text())
     assert cl["config"]["memory_format"] == "channels-last" and cl["config"]["workers"] >= 1
     assert last["gain"]["ci95"] is not None and result["speedup"] == last["gain"]
