@@ -89,8 +89,17 @@ class LadderFile(Recorded):
         return self
 
 
+def _decimals(low: float, high: float) -> int:
+    """No more digits than the spread supports: the last one shown at the order of the interval's half-width."""
+    half = (high - low) / 2
+    return max(0, min(3, -math.floor(math.log10(half)))) if half > 0 else 2
+
+
 def _interval(r: Ratio) -> str:
-    return f"{r.ratio:.2f}× ({r.ci95[0]:.2f}–{r.ci95[1]:.2f})" if r.ci95 else f"{r.ratio:.2f}× (one process)"
+    if not r.ci95:
+        return f"{r.ratio:.2f}× (one process)"
+    d = _decimals(*r.ci95)
+    return f"{r.ratio:.{d}f}× ({r.ci95[0]:.{d}f}–{r.ci95[1]:.{d}f})"
 
 
 def readme_cell(lad: LadderFile | None) -> str:
@@ -98,8 +107,7 @@ def readme_cell(lad: LadderFile | None) -> str:
     if lad is None:
         return "not measured"
     verdict = "" if lad.speedup.resolved else ", not resolved"
-    return (f"{_interval(lad.speedup)} per epoch{verdict} ({lad.processes} processes per rung; "
-            f"{(lad.env.git_commit or '?')[:7]})")
+    return f"{_interval(lad.speedup)} per epoch{verdict}, {lad.processes} processes ({(lad.env.git_commit or '?')[:7]})"
 
 
 def section(columns: list[tuple[str, str, LadderFile | None]]) -> str:
@@ -114,13 +122,15 @@ def section(columns: list[tuple[str, str, LadderFile | None]]) -> str:
                 f"{lad.processes} processes per rung, rounds in a random order from seed {lad.seed}, one epoch "
                 f"timed whole after {lad.warm_up_steps} untimed steps, {lad.rungs[0].processes[0].images:,} "
                 "images):", "",
-                "| rung | adds | s per epoch (95 % interval of the mean) | gain over the rung before (95 %) |",
+                "| rung | adds | s per epoch (95 % interval of the mean; digits as its spread allows) | "
+                "gain over the rung before (95 %) |",
                 "|---|---|---:|---:|"]
         for r in lad.rungs:
             e = r.epoch_s
-            ci = f" ({e.ci95[0]:.1f}–{e.ci95[1]:.1f})" if e.ci95 else " (one process)"
+            d = _decimals(*e.ci95) if e.ci95 else 1
+            ci = f" ({e.ci95[0]:.{d}f}–{e.ci95[1]:.{d}f})" if e.ci95 else " (one process)"
             gain = "–" if r.gain is None else _interval(r.gain) + ("" if r.gain.resolved else ", not resolved")
-            rows.append(f"| {r.name} | {r.adds} | {e.mean:.1f}{ci} | {gain} |")
+            rows.append(f"| {r.name} | {r.adds} | {e.mean:.{d}f}{ci} | {gain} |")
         s = lad.speedup
         rows += ["", f"Plain PyTorch → fastcifar, same model, this machine: **{_interval(s)} per epoch**"
                  + ("" if s.resolved else " — not resolved") + "."]

@@ -17,6 +17,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from fastcifar.reporting import records, render
 from fastcifar.reporting.columns import Machine
+from fastcifar.reporting.ladder import LadderFile
 
 ROOT = Path(__file__).resolve().parents[2]
 NEW = "amd-epyc-f26m2-avx512-2c"
@@ -159,7 +160,7 @@ FILES = {"spec/runs/ffcv-seed0.json": records.Run, "bench_loader.json": records.
          "bench_end_to_end.json": records.EndToEndFile, "bench_startup.json": records.StartupFile,
          "probe.json": records.ProbeFile, "step_breakdown.json": records.BreakdownFile,
          "floor.json": records.FloorFile, "measure.json": records.MeasureFile, "machine.json": records.MachineNote,
-         "setup.json": records.SetupFile}
+         "setup.json": records.SetupFile, "ladder/ladder.json": LadderFile}
 PIPELINES = {records.LoaderFile, records.EndToEndFile}
 
 
