@@ -28,8 +28,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..reporting import records
 from ..reporting.stats import describe, ratio95
 from ..utils import ArgumentParser, UserError, child_env, run_cli, write_json_atomic
+from .measure import valid_record
 from .stages import StageRunner
 
 PLAIN_ENV = {"FASTCIFAR_ADAMW": "torch-default", "THP_MEM_ALLOC_ENABLE": "0"}
@@ -53,20 +55,23 @@ def rungs(cores: int) -> list[dict]:
     ]
 
 
-def timed_epoch(path: Path) -> dict:
-    """The last epoch of one process's run: its seconds and images (a whole epoch, every step)."""
+def timed_epoch(path: Path) -> tuple[dict, dict]:
+    """The last epoch of one process's run (its seconds and images: a whole epoch, every step), and its env."""
     run = json.loads(path.read_text())
     last = run["epochs"][-1]
     return {"file": f"runs/{path.name}", "epoch_s": last["seconds"], "images": last["train_images"],
-            "data_fraction": last["data_fraction"]}
+            "data_fraction": last["data_fraction"]}, run["env"]
 
 
 def summarize(chosen: list[dict], order: list[list[str]], out: Path, seed: int, warm_up_steps: int) -> dict:
     """ladder.json from the runs in OUT/runs/: every rung's epochs over its processes, the gains between them."""
-    rows = []
+    rows, envs = [], []
     for rung in chosen:
-        processes = [{"round": r, **timed_epoch(out / "runs" / f"{rung['name']}-{r}.json")}
-                     for r in range(1, len(order) + 1)]
+        processes = []
+        for r in range(1, len(order) + 1):
+            epoch, env = timed_epoch(out / "runs" / f"{rung['name']}-{r}.json")
+            processes.append({"round": r, **epoch})
+            envs.append(env)
         times = [p["epoch_s"] for p in processes]
         stats = describe(times)
         stats["ci95"] = stats["ci95"] if len(times) > 1 else None  # one process: no interval (never NaN)
@@ -74,11 +79,10 @@ def summarize(chosen: list[dict], order: list[list[str]], out: Path, seed: int, 
     for before, after in zip(rows, rows[1:], strict=False):
         after["gain"] = ratio95([p["epoch_s"] for p in before["processes"]],
                                 [p["epoch_s"] for p in after["processes"]])
-    first = json.loads((out / rows[0]["processes"][0]["file"]).read_text())
     return {"rungs": rows, "speedup": ratio95([p["epoch_s"] for p in rows[0]["processes"]],
                                               [p["epoch_s"] for p in rows[-1]["processes"]]),
             "order": order, "seed": seed, "warm_up_steps": warm_up_steps, "processes": len(order),
-            "env": first["env"]}
+            "env": envs[0]}  # the first rung's first process's
 
 
 def plot(ladder: dict, path: Path) -> None:
@@ -155,13 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     order = [rng.sample([r["name"] for r in chosen], len(chosen)) for _ in range(args.processes)]
     commit = git_commit()
 
-    def done(name: str) -> str | None:  # resumption: a run of this commit (never of a dirty tree) is kept
-        path = args.out / "runs" / f"{name}.json"
-        try:
-            recorded = json.loads(path.read_text())["env"]["git_commit"]
-            kept = commit and not commit.endswith("+dirty") and recorded == commit
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+    def done(name: str) -> str | None:  # resumption: a run of this commit (never of a dirty tree) that passes
+        path = args.out / "runs" / f"{name}.json"  # the renderer's checks is kept, as make results keeps a stage's
+        record, _ = valid_record(path, records.Run)
+        kept = record is not None and commit and not commit.endswith("+dirty") and record.env.git_commit == commit
         return f"done by this commit: {path}" if kept else None
 
     runner = StageRunner(args.out, None, lambda stages: write_json_atomic(args.out / "stages.json", stages),
