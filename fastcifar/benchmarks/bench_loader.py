@@ -5,10 +5,12 @@
                those images/s over the model's compute-only training images/s on the same device
                (`--compute-steps` steps on one fixed batch), i.e. how many times faster the model
                could get before that pipeline becomes the bottleneck
-  --end-to-end one warm-up and `--repeats` timed training epochs of the spec model per pipeline (the
-               trainer's own loop, `--compile` as given), in rounds: each round times one epoch of
-               every pipeline, in an order rotated by one each round, so that neither a drifting
-               machine nor a place in the round favours one. Reported: the median epoch's seconds,
+  --end-to-end `--warm-up-steps` untimed steps and `--repeats` timed training epochs of the spec model
+               per pipeline (the trainer's own loop, `--compile` as given; whole epochs, the last
+               partial batch included, unless --max-steps cuts them for a smoke run), in rounds: each
+               round times one epoch of every pipeline, in an order drawn from --order-seed (recorded
+               as `order`), so that neither a drifting machine nor a place in the round favours one,
+               and no pipeline always follows the same one. Reported: the median epoch's seconds,
                images/s, data and compute time, data fraction; the overhead over `synthetic` and the
                ratio to `memory` *paired by round* (the mean over rounds of epoch / synthetic's epoch
                of the same round, minus 1, with its 95 % confidence interval); and the CPU seconds the
@@ -27,6 +29,7 @@ Usage: python -m fastcifar.bench_loader --data-dir data [--end-to-end] [--loader
 from __future__ import annotations
 
 import argparse
+import random
 import resource
 import statistics
 import time
@@ -110,16 +113,20 @@ class EndToEnd:
         self.optimizer, _ = adamw(self.model.parameters(), device, lr=1e-3, weight_decay=1e-4)  # as the trainer's
         self.net = compile_model(self.model) if args.compile else self.model
         self.train, self.device, self.max_steps, self.name = loaders["train"], device, args.max_steps, name
-        warm_up_run(self.net, self.model, {"train": self.train}, device, args.batch_size, args.max_steps, None)
+        self.sizes = warm_up_run(self.net, self.model, {"train": self.train}, device, args.batch_size,
+                                 args.max_steps, None)["train"]  # the batch sizes compiled: static graphs
         self.epochs: list[dict] = []
-        self.epoch(timed=False)
+        warm_up = getattr(args, "warm_up_steps", None)
+        self.epoch(timed=False, steps=min(s for s in (warm_up, args.max_steps) if s is not None)
+                   if warm_up or args.max_steps else None)
 
-    def epoch(self, timed: bool = True) -> None:
+    def epoch(self, timed: bool = True, steps: int | None = None) -> None:
+        """One epoch (timed: `max_steps` steps, whole by default), or an untimed one of `steps` steps."""
         cpu0 = time.process_time()  # CPU seconds of every thread of this process (not of worker processes)
         use0 = resource.getrusage(resource.RUSAGE_SELF)
         with frozen():
             stats = train_epoch(self.net, self.train, self.optimizer, self.device, StepTimer(self.device),
-                                self.max_steps, desc=f"{self.name}{'' if timed else ' warm-up'}")
+                                self.max_steps if timed else steps, desc=f"{self.name}{'' if timed else ' warm-up'}")
         cpu_s = time.process_time() - cpu0
         use = resource.getrusage(resource.RUSAGE_SELF)
         if timed:
@@ -176,11 +183,11 @@ def add_utilisation(results: dict, compute: dict | None, probe: dict, batch: int
     return flops
 
 
-def rotated(names: list[str], i: int) -> list[str]:
-    """Round i's order: the pipelines rotated by i, so each takes every place in the round in turn (no
-    pipeline always runs first). A rotation keeps the cyclic order, so each pipeline still follows the same
-    one in every round but the one where it runs first."""
-    return names[i % len(names):] + names[:i % len(names)]
+def drawn_order(names: list[str], rounds: int, seed: int) -> list[list[str]]:
+    """Each round's order of pipelines, drawn from `seed` (recorded): a rotation kept the cyclic order, so one
+    pipeline always ran right after another (the machine state it leaves behind always on the same one)."""
+    rng = random.Random(seed)
+    return [rng.sample(names, len(names)) for _ in range(rounds)]
 
 
 def paired(values: list[float], base: list[float], key: str, shift: float = 0.0) -> dict:
@@ -206,7 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--end-to-end", action="store_true", help="time a training epoch of the spec model per pipeline")
     p.add_argument("--max-steps", type=int, default=None, help="end to end: cap each epoch (smoke runs)")
     p.add_argument("--repeats", type=int, default=1,
-                   help="end to end: rounds, each one timed epoch per pipeline (order rotated); ratios paired by round")
+                   help="end to end: rounds, each one timed epoch per pipeline (order drawn); ratios paired by round")
+    p.add_argument("--warm-up-steps", type=int, default=40,
+                   help="end to end: untimed steps per pipeline before its timed epochs (compilation, FFCV's JIT)")
+    p.add_argument("--order-seed", type=int, default=None,
+                   help="end to end: the rounds' order of pipelines is drawn from it (default: --seed); one per "
+                        "process where several processes are compared")
     p.add_argument("--compute-steps", type=int, default=50,
                    help="isolated: training steps of the spec model on one fixed batch (synthetic), for the "
                         "headroom column and the compute-only floor's utilisation (0: skip)")
@@ -219,10 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="JSON results (default results/bench_loader.json, or bench_end_to_end.json)")
     args = p.parse_args(argv)
     steps = 1 if args.max_steps is None else args.max_steps  # --max-steps 0 would time empty epochs
-    if min(args.workers, args.batch_size, args.epochs, args.repeats, steps, args.compute_rounds) < 1 \
-            or args.compute_steps < 0:
-        raise UserError("--workers, --batch-size, --epochs, --repeats, --max-steps and --compute-rounds must be at "
-                        "least 1, --compute-steps at least 0")
+    if min(args.workers, args.batch_size, args.epochs, args.repeats, steps, args.compute_rounds,
+           args.warm_up_steps) < 1 or args.compute_steps < 0:
+        raise UserError("--workers, --batch-size, --epochs, --repeats, --max-steps, --compute-rounds and "
+                        "--warm-up-steps must be at least 1, --compute-steps at least 0")
     device = resolve_device(args.device)
     set_float32_precision(device, tf32=False)
     set_cudnn(device, deterministic=False)  # the trainer's defaults
@@ -256,8 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results[name] = isolated(train, device, args.epochs, name)
             results[name]["device_op"] = getattr(train.augment, "choice", None)  # the op kept, every candidate's ms
         del loaders
-    for i in range(args.repeats if args.end_to_end else 0):
-        for name in rotated(list(setups), i):
+    order_seed = args.seed if args.order_seed is None else args.order_seed
+    order = drawn_order(list(setups), args.repeats, order_seed)
+    for names_in_round in order:
+        for name in names_in_round:
             setups[name].epoch()
     results.update({name: setup.result() for name, setup in setups.items()})
     compute = None
@@ -278,7 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     flops = add_utilisation(results, compute, env["attainable_fp32"], args.batch_size)
     write_json_atomic(out, {**results, **({"compute_only": compute} if compute else {}),
                             "flops_per_image": flops["flops_per_image"], "flops": flops, "env": env,
-                            **({"graphs": graphs([args.batch_size])} if args.compile and args.end_to_end else {}),
+                            **({"graphs": graphs({n for st in setups.values() for n in st.sizes})}
+                               if args.compile and args.end_to_end else {}),
+                            **({"order": order, "order_seed": order_seed, "warm_up_steps": args.warm_up_steps,
+                                "max_steps": args.max_steps} if args.end_to_end else {}),
                             "mode": "end_to_end" if args.end_to_end else "isolated"})
     mode = f"end to end, {args.repeats} round(s) of one training epoch each" if args.end_to_end else "isolated"
     print(f"loader benchmark ({mode}): batch "

@@ -7,16 +7,21 @@ Stages, in order, each a separate process with its log under OUT/<machine>/logs/
   spec        `fastcifar.bench --seeds N --compile --export wat`: the spec's six metrics, mean ± sd
   breakdown   `fastcifar.step_breakdown`: the compute-only floor in its own process, where its step's time
               goes, and the step's limit from its own parts
-  floor       `fastcifar.step_breakdown --floor-only --processes N`: the compute-only floor in N more
-              processes, pooled (the interval a training run, one more process, is compared with)
-  loader      `fastcifar.bench_loader`, isolated (5 timed epochs each, the compute-only floor in 3 rounds:
-              intervals for the loader ratio and the utilisation)
-  end-to-end  `fastcifar.bench_loader --end-to-end` (ffcv, memory, torch, dali and spdl where installed with
-              spdl's per-image variant, synthetic, and ffcv's two forced variants, ffcv-inline and
-              ffcv-parallel; --e2e-repeats rounds)
+  floor       `fastcifar.step_breakdown --processes N`: the compute-only floor and the step's own limit in N
+              more processes, the floors pooled (the interval a training run, one more process, is compared
+              with), the step against its limit a ratio per process, judged between them
+  loader      `fastcifar.bench_loader`, isolated (5 timed epochs each, the compute-only floor in 3 rounds)
+  loader-2, loader-3
+              the same, each in a process of its own (loader-processes/): the loader ratio judged between
+              three processes
+  end-to-end  `fastcifar.bench_loader --end-to-end`: whole training epochs of ffcv, memory, torch, dali and
+              spdl where installed with spdl's per-image variant, synthetic, and ffcv's two forced variants,
+              ffcv-inline and ffcv-parallel; --e2e-repeats rounds, each in an order drawn from the stage's
+              own seed (recorded)
   end-to-end-2, end-to-end-3
-              the same for ffcv and memory alone, each in a process of its own
-              (end-to-end-processes/): ffcv's overhead in three separate processes
+              the same without the forced variants, each in a process of its own with its own order
+              (end-to-end-processes/): every loader's overhead, and training against its floor (synthetic,
+              the same loop and graphs in the same process), judged between three processes
   startup     `fastcifar.bench_startup -- --compile` (one cold run, then --startup-repeats warm ones)
   probe       the device's attainable fp32 rate (the median of 5 matmul-and-conv probes: the column's one
               rate) and the step's FLOPs, alone (probe.json)
@@ -47,15 +52,17 @@ from ..reporting.machines import belongs, machine_name
 from ..utils import ArgumentParser, UserError, child_env, plain_name, run_cli, write_json_atomic
 from .stages import StageRunner, check_budget, parse_stages
 
-STAGES = ["warm-up", "spec", "breakdown", "floor", "loader", "end-to-end", "end-to-end-2", "end-to-end-3", "startup",
-          "probe", "ladder"]
+STAGES = ["warm-up", "spec", "breakdown", "floor", "loader", "loader-2", "loader-3", "end-to-end", "end-to-end-2",
+          "end-to-end-3", "startup", "probe", "ladder"]
 # Seconds per stage before anything is measured here (a 2-core CPU); the spec's is replaced by the
 # warm-up epoch's measured time x 10 epochs x seeds once the warm-up ran.
-ESTIMATE_S = {"warm-up": 300, "spec": 3 * 2500, "breakdown": 300, "floor": 300, "loader": 240, "end-to-end": 1200,
-              "end-to-end-2": 400, "end-to-end-3": 400, "startup": 300, "probe": 30, "ladder": 18 * 200}
+ESTIMATE_S = {"warm-up": 300, "spec": 3 * 2500, "breakdown": 300, "floor": 300, "loader": 240, "loader-2": 240,
+              "loader-3": 240, "end-to-end": 9 * 200, "end-to-end-2": 6 * 200, "end-to-end-3": 6 * 200, "startup": 300,
+              "probe": 30, "ladder": 18 * 200}
 OUTPUT = {"warm-up": "cold-start.json", "spec": "spec/summary.json", "breakdown": "step_breakdown.json",
           "floor": "floor.json",
-          "loader": "bench_loader.json",
+          "loader": "bench_loader.json", "loader-2": "loader-processes/process-2.json",
+          "loader-3": "loader-processes/process-3.json",
           "end-to-end": "bench_end_to_end.json", "end-to-end-2": "end-to-end-processes/process-2.json",
           "end-to-end-3": "end-to-end-processes/process-3.json", "startup": "bench_startup.json", "probe": "probe.json",
           "ladder": "ladder/ladder.json"}
@@ -63,7 +70,8 @@ OUTPUT = {"warm-up": "cold-start.json", "spec": "spec/summary.json", "breakdown"
 
 # What each stage's output must pass to count as done: the record the renderer reads it as.
 MODELS = {"warm-up": records.Run, "spec": records.SpecSummary, "breakdown": records.BreakdownFile,
-          "floor": records.FloorFile, "loader": records.LoaderFile, "end-to-end": records.EndToEndFile,
+          "floor": records.FloorFile, "loader": records.LoaderFile, "loader-2": records.LoaderFile,
+          "loader-3": records.LoaderFile, "end-to-end": records.EndToEndFile,
           "end-to-end-2": records.EndToEndFile, "end-to-end-3": records.EndToEndFile,
           "startup": records.StartupFile, "probe": records.ProbeFile, "ladder": LadderFile}
 RUN_ID = "FASTCIFAR_RUN_ID"  # set for every stage's process; recorded as env.run_id (env.environment)
@@ -182,19 +190,20 @@ def commands(name: str, args: argparse.Namespace, folder: Path) -> list[str]:
     if name == "breakdown":
         return [py, "-m", "fastcifar.step_breakdown", "--device", args.device, "--out", str(folder / OUTPUT[name])]
     if name == "floor":
-        return [py, "-m", "fastcifar.step_breakdown", "--floor-only", "--processes", str(args.floor_processes),
+        return [py, "-m", "fastcifar.step_breakdown", "--processes", str(args.floor_processes),
                 "--device", args.device, "--out", str(folder / OUTPUT[name])]
-    if name == "loader":
+    if name.startswith("loader"):
         return [py, "-m", "fastcifar.bench_loader", *common, "--epochs", "5", "--compute-rounds", "3",
-                "--out", str(folder / OUTPUT["loader"])]
+                "--out", str(folder / OUTPUT[name])]
     if name.startswith("end-to-end"):
         dali = importlib.util.find_spec("nvidia") and importlib.util.find_spec("nvidia.dali")
         spdl = importlib.util.find_spec("spdl") and importlib.util.find_spec("spdl.pipeline")
-        loaders = ("ffcv,memory,torch" + (",dali" if dali else "") + (",spdl,spdl-per-image" if spdl else "")
-                   + ",ffcv-inline,ffcv-parallel" if name == "end-to-end" else "ffcv,memory")
+        first = name == "end-to-end"  # the forced variants in the first process only
+        loaders = ("ffcv,memory,torch" + (",dali" if dali else "") + (",spdl" if spdl else "")
+                   + (",spdl-per-image" if spdl and first else "") + (",ffcv-inline,ffcv-parallel" if first else ""))
         return [py, "-m", "fastcifar.bench_loader", *common, "--end-to-end", "--loaders", loaders,
-                "--repeats", str(args.e2e_repeats), "--max-steps", str(args.e2e_steps),
-                "--out", str(folder / OUTPUT[name])]
+                "--repeats", str(args.e2e_repeats), "--order-seed", "1" if first else name.rsplit("-", 1)[1],
+                *(["--max-steps", str(args.e2e_steps)] if args.e2e_steps else []), "--out", str(folder / OUTPUT[name])]
     if name == "ladder":
         return [py, "-m", "fastcifar.ladder", *common, "--processes", "3", "--out", str(folder / "ladder")]
     if name == "startup":
@@ -210,8 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--machine", default=None, help="this machine's folder (derived; another's is refused)")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda")
     p.add_argument("--seeds", type=int, default=3, help="spec runs, seeds 0..N-1")
-    p.add_argument("--e2e-repeats", type=int, default=20, help="end to end: rounds per process")
-    p.add_argument("--e2e-steps", type=int, default=30, help="end to end: steps per timed epoch")
+    p.add_argument("--e2e-repeats", type=int, default=1, help="end to end: rounds of whole epochs per process")
+    p.add_argument("--e2e-steps", type=int, default=None,
+                   help="end to end: steps per timed epoch (default: whole epochs; fewer only for smoke runs)")
     p.add_argument("--floor-processes", type=int, default=5, help="floor: separate processes, pooled")
     p.add_argument("--startup-repeats", type=int, default=5, help="start-up: warm runs")
     p.add_argument("--stages", default=None, help=f"comma-separated, from {', '.join(STAGES)} (default: all)")
@@ -224,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args.stage_list = parse_stages(args.stages, STAGES)
     check_budget(args.budget_s)
-    if min(args.seeds, args.e2e_repeats, args.e2e_steps, args.startup_repeats) < 1 or args.floor_processes < 2:
+    if min(args.seeds, args.e2e_repeats, args.startup_repeats) < 1 or args.floor_processes < 2 \
+            or (args.e2e_steps is not None and args.e2e_steps < 1):
         raise UserError("--seeds, --e2e-repeats, --e2e-steps and --startup-repeats must be at least 1, "
                         "--floor-processes at least 2")
     if args.machine is not None:

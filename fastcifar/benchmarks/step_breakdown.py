@@ -17,12 +17,14 @@ floor. Measured in its own process, before anything else has run in it:
 Writes a JSON, a PNG (readable without TensorBoard, whose Overview needs the internet) and the
 trace (TensorBoard's profiler plugin and Perfetto open it).
 
-`--floor-only --processes N`: the floor alone (1.), in N separate processes one after another (each this
-command with --processes 1, its JSON under OUT's stem + '-processes/'), and OUT their pooled floor: the
-mean of the processes' floors and the 95 % prediction interval of one more process. Why: a step's time
-moves between processes (where its memory lands, what the machine does meanwhile) more than between
-rounds of one, and a training run is one more process: an interval from one process's rounds is one
-that training can beat without beating the floor.
+`--processes N`: this command in N separate processes one after another (each with --processes 1, its
+JSON under OUT's stem + '-processes/'; with --floor-only the floor alone, else each process its floor and
+its own limit, without trace or picture), and OUT their pooled floor: the mean of the processes' floors
+and the 95 % prediction interval of one more process. Why: a step's time moves between processes (where
+its memory lands, what the machine does meanwhile) more than between rounds of one, and a training run is
+one more process: an interval from one process's rounds is one that training can beat without beating
+the floor. The step against its limit is then a ratio per process (each over the limit it measured),
+judged between processes.
 """
 
 from __future__ import annotations
@@ -200,7 +202,9 @@ def pooled_floor(args: argparse.Namespace) -> dict:
     records = []
     for k in range(1, args.processes + 1):
         out = folder / f"process-{k}.json"
-        cmd = [sys.executable, "-m", "fastcifar.step_breakdown", "--floor-only", "--processes", "1",
+        own = ["--floor-only"] if args.floor_only else ["--no-trace", "--no-picture", "--calls", str(args.calls),
+                                                         "--profile-steps", str(args.profile_steps)]
+        cmd = [sys.executable, "-m", "fastcifar.step_breakdown", *own, "--processes", "1",
                "--device", args.device, "--batch-size", str(args.batch_size), "--rounds", str(args.rounds),
                "--steps", str(args.steps), "--distinct-batches", str(args.distinct_batches), "--out", str(out),
                *(f"--inductor-config={pair}" for pair in args.inductor_config)]  # each process the same settings
@@ -313,11 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--inductor-config", action="append", default=[], metavar="KEY=VALUE",
                    help="set torch._inductor.config.KEY before compiling (repeatable; step_options' options)")
     p.add_argument("--processes", type=int, default=1,
-                   help="--floor-only: the floor in this many separate processes, pooled (an interval between "
-                        "processes, which is what a training run is)")
+                   help="this command in this many separate processes, their floors pooled (an interval between "
+                        "processes, which is what a training run is); without --floor-only each its own limit too")
     args = p.parse_args(argv)
-    if args.processes != 1 and not args.floor_only:
-        raise UserError("--processes needs --floor-only")
     for name in ("batch_size", "rounds", "steps", "profile_steps", "calls", "distinct_batches", "processes"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -327,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_cudnn(device, deterministic=False)
     env = environment(device, module="fastcifar.step_breakdown")
     inductor = inductor_settings(args.inductor_config)
-    if args.floor_only:
+    if args.floor_only or args.processes > 1:
         result = pooled_floor(args) if args.processes > 1 else \
             floor_only(device, args.batch_size, args.rounds, args.steps, args.distinct_batches)
         write_json_atomic(args.out, {**result, "env": env, "inductor_config": inductor})

@@ -48,8 +48,12 @@ class Machine:
         # end to end in further separate processes (make results' end-to-end-2, -3), beside self.e2e's
         self.e2e_processes = [(p, read(p, records.EndToEndFile))
                               for p in sorted((folder / "end-to-end-processes").glob("*.json"))]
-        self.floor_processes = [(p, read(p, records.FloorFile))
+        # the floor's processes: each its own limit too where measured so (a breakdown without trace)
+        self.floor_processes = [(p, self._floor_process(p))
                                 for p in sorted((folder / "floor-processes").glob("*.json"))]
+        # the loader alone in further separate processes (make results' loader-2, -3), beside self.loader's
+        self.loader_processes = [(p, read(p, records.LoaderFile))
+                                 for p in sorted((folder / "loader-processes").glob("*.json"))]
         self.measure = read(folder / "measure.json", records.MeasureFile)
         self.summary = read(folder / "spec" / "summary.json", records.SpecSummary)
         self.note = read(folder / "machine.json", records.MachineNote) or {}
@@ -77,7 +81,7 @@ class Machine:
                                     (folder / "cold-start.json", self.cold), (folder / "probe.json", self.probe),
                                     (folder / "step_breakdown.json", self.breakdown),
                                     (folder / "floor.json", self.floor), *self.e2e_processes,
-                                    *self.floor_processes] if r is not None]
+                                    *self.floor_processes, *self.loader_processes] if r is not None]
         evidence = [*self.candidates, *(pr for _, sweep in self.option_sweeps for pr in sweep), *self.options,
                     *((startup / name, r) for name, r in self.startup_files.items()),
                     *([(folder / "setup.json", self.setup)] if self.setup else []), *self.spdl,
@@ -154,6 +158,30 @@ class Machine:
             if run.graphs is not None and not run.graphs.dynamic and not floors <= set(run.graphs.batch_sizes):
                 raise UserError(f"{path}: compiled batch sizes {run.graphs.batch_sizes}, not the floor's "
                                 f"{sorted(floors)}: training and its floor ran different graphs")
+
+    def _floor_process(self, path: Path) -> records.FloorFile | None:
+        """One floor process: a BreakdownFile where it measured its limit, else a FloorFile."""
+        data = records.read_json(path, self.root)
+        if data is None:
+            return None
+        return records.parse(path, data, records.BreakdownFile if isinstance(data, dict) and "limit" in data
+                             else records.FloorFile)
+
+    def step_limit_ratios(self) -> list[float]:
+        """The compute-only step over its own limit, one ratio per floor process that measured its limit."""
+        return [r.floor.step_ms / r.limit.step_ms for _, r in self.floor_processes
+                if r is not None and getattr(r, "limit", None) is not None]
+
+    def loader_ratios(self) -> list[float]:
+        """ffcv / torch images/s, isolated, in each separate process (bench_loader.json, loader-processes/)."""
+        files = [self.loader, *(r for _, r in self.loader_processes)]
+        return [f.pipelines["ffcv"].images_per_s / f.pipelines["torch"].images_per_s for f in files
+                if f is not None and "ffcv" in f.pipelines and "torch" in f.pipelines]
+
+    def e2e_files(self) -> list[records.EndToEndFile]:
+        """The end-to-end processes (bench_end_to_end.json, end-to-end-processes/) that ran ffcv and synthetic."""
+        return [f for f in [self.e2e, *(r for _, r in self.e2e_processes)]
+                if f is not None and "ffcv" in f.pipelines and "synthetic" in f.pipelines]
 
     def _check_pooled(self) -> None:
         """floor.json's pooled floor is the mean of the floor-processes/ files it names, value by value."""

@@ -59,6 +59,23 @@ def _step_limit_between_processes(runs: list[dict]) -> str:
             f"({where}); {target('step_limit')}: {judged}.")
 
 
+def _defaults(runs: list[dict]) -> list[dict]:
+    """A sweep's processes that ran its own defaults (the settings every process of it shares)."""
+    common = dict(set.intersection(*(set(settings(r).items()) for r in runs)))
+    return [r for r in runs if _settings(r, common) == "(defaults)"]
+
+
+def sweep_limit_ratios(m: Machine) -> tuple[list[float], str]:
+    """The step over its own limit in the defaults' processes of the column's sweep that has most of them."""
+    best: tuple[list[float], str] = ([], "")
+    for folder, sweep in m.option_sweeps:
+        runs = _defaults([r for _, r in sweep]) if sweep else []
+        ratios = [r["floor"]["step_ms"] / r["limit"]["step_ms"] for r in runs]
+        if len(ratios) > len(best[0]):
+            best = ratios, f" (the defaults of {folder.name}/)"
+    return best
+
+
 def step_options(ms: list[Machine]) -> str:
     """Per machine, per step-options*/ folder (one sweep each, its own baseline): each option's compiled step
     (step_breakdown's floor) in every process, against the defaults'. A process is judged by its median

@@ -10,6 +10,7 @@ from typing import Annotated
 from pydantic import Field, model_validator
 
 from .fields import Count, Fraction, Interval, Record, Recorded, Seconds, close
+from .stats import decimals
 
 
 class Ratio(Record):
@@ -89,16 +90,10 @@ class LadderFile(Recorded):
         return self
 
 
-def _decimals(low: float, high: float) -> int:
-    """No more digits than the spread supports: the last one shown at the order of the interval's half-width."""
-    half = (high - low) / 2
-    return max(0, min(3, -math.floor(math.log10(half)))) if half > 0 else 2
-
-
 def _interval(r: Ratio) -> str:
     if not r.ci95:
         return f"{r.ratio:.2f}× (one process)"
-    d = _decimals(*r.ci95)
+    d = decimals(*r.ci95)
     return f"{r.ratio:.{d}f}× ({r.ci95[0]:.{d}f}–{r.ci95[1]:.{d}f})"
 
 
@@ -127,7 +122,7 @@ def section(columns: list[tuple[str, str, LadderFile | None]]) -> str:
                 "|---|---|---:|---:|"]
         for r in lad.rungs:
             e = r.epoch_s
-            d = _decimals(*e.ci95) if e.ci95 else 1
+            d = decimals(*e.ci95) if e.ci95 else 1
             ci = f" ({e.ci95[0]:.{d}f}–{e.ci95[1]:.{d}f})" if e.ci95 else " (one process)"
             gain = "–" if r.gain is None else _interval(r.gain) + ("" if r.gain.resolved else ", not resolved")
             rows.append(f"| {r.name} | {r.adds} | {e.mean:.{d}f}{ci} | {gain} |")

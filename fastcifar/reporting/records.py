@@ -16,10 +16,9 @@ for declared fields present in the file: an absent optional field stays absent, 
 from __future__ import annotations
 
 import statistics
-import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from .fields import (  # noqa: F401  (MAX_SECONDS, Record: re-exported)  # noqa: F401  (the env every record carries)
     MAX_INT,
@@ -43,6 +42,15 @@ from .fields import (  # noqa: F401  (MAX_SECONDS, Record: re-exported)  # noqa:
     _contains,
     close,
 )
+from .loader_records import (  # noqa: F401  (re-exported: every record is records.X to its readers)
+    PIPELINES,
+    ComputeOnly,
+    DeviceOp,
+    EndToEndEntry,
+    EndToEndFile,
+    LoaderEntry,
+    LoaderFile,
+)
 from .reading import MAX_FILE_BYTES, parse, read_json, read_record  # noqa: F401  (re-exported for the readers)
 
 # ---------------------------------------------------------------------------------------------
@@ -63,24 +71,6 @@ class MeanEpoch(Record):
 
 class Utilisation(Record):
     mean_epoch: MeanEpoch
-
-
-class DeviceOp(Record):
-    """The device op a pipeline kept, and each candidate's time (`<name>_ms`: as many as were timed)."""
-
-    model_config = ConfigDict(strict=True, frozen=True, extra="allow")
-    op: str
-
-    @model_validator(mode="after")
-    def _times(self) -> DeviceOp:
-        for key, value in (self.__pydantic_extra__ or {}).items():
-            if key.endswith("_ms") and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                        or not 0 < value < MAX_SECONDS):
-                raise ValueError(f"{key} must be a time in ms above 0, got {value!r}")
-        return self
-
-    def times(self) -> dict[str, float]:
-        return {k: v for k, v in (self.__pydantic_extra__ or {}).items() if k.endswith("_ms")}
 
 
 class Pieces(Record):
@@ -130,106 +120,6 @@ class Run(Recorded):
         if self.total_training_time_s < sum(self.epoch_times_s) * (1 - 1e-6):
             raise ValueError("total_training_time_s is shorter than its epochs")
         return self
-
-
-# ---------------------------------------------------------------------------------------------
-# bench_loader: isolated, and end to end
-
-
-class LoaderEntry(Record):
-    images_per_s: Positive
-    seconds_per_epoch: Seconds
-    images_per_epoch: Count
-    epoch_seconds: SecondsList
-    headroom: NonNeg | None = None
-    device_op: DeviceOp | None = None
-
-    @model_validator(mode="after")
-    def _agrees(self) -> LoaderEntry:
-        if not close(self.images_per_s, self.images_per_epoch / self.seconds_per_epoch):
-            raise ValueError("images_per_s is not images_per_epoch / seconds_per_epoch")
-        return self
-
-
-class ComputeOnly(Record):
-    images_per_s: Positive
-    images_per_s_ci95: Interval | None = None
-    steps: Count
-    rounds: Count | None = None
-    gflops: Positive | None = None
-    utilisation: Fraction | None = None
-    utilisation_ci95: Interval | None = None
-
-    @model_validator(mode="after")
-    def _inside(self) -> ComputeOnly:
-        _contains(self.images_per_s_ci95, self.images_per_s, "images_per_s")
-        return self
-
-
-PIPELINES = typing.get_args(Pipeline)
-
-
-def _pipelines(data: object, entry: str) -> object:
-    """Move a file's pipelines under `pipelines`, keeping their order: every top-level key that names a pipeline,
-    and any other object holding `entry` (an unknown pipeline, refused by name there), so that a pipeline whose
-    own fields are damaged is refused, never dropped as if it were something else."""
-    if not isinstance(data, dict):
-        return data
-    rest = {k: v for k, v in data.items()
-            if k not in PIPELINES and not (isinstance(v, dict) and entry in v and k != "compute_only")}
-    return {**rest, "pipelines": {k: v for k, v in data.items() if k not in rest}}
-
-
-class LoaderFile(Recorded):
-    pipelines: dict[Pipeline, LoaderEntry]
-    compute_only: ComputeOnly | None = None
-    flops_per_image: Positive | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _collect(cls, data: object) -> object:
-        return _pipelines(data, "images_per_s")
-
-    @model_validator(mode="after")
-    def _rate(self) -> LoaderFile:
-        if self.compute_only is not None and self.compute_only.gflops is not None and (
-                self.env.attainable_fp32 is None and self.compute_only.utilisation is not None):
-            raise ValueError("compute_only.utilisation without env.attainable_fp32, the rate it divides by")
-        return self
-
-
-class EndToEndEntry(Record):
-    seconds: Seconds
-    images_per_s: Positive
-    train_images: Count
-    data_fraction: Fraction
-    epoch_seconds: SecondsList
-    epochs_timed: Count
-    overhead_vs_synthetic: Annotated[float, Field(allow_inf_nan=False, ge=-1, le=100)]
-    overhead_vs_synthetic_ci95: Interval | None = None
-    ratio_to_memory: Annotated[float, Field(allow_inf_nan=False, gt=0, le=100)] | None = None
-    ratio_to_memory_ci95: Interval | None = None
-    minor_faults: NonNeg | None = None
-    involuntary_switches: NonNeg | None = None
-
-    @model_validator(mode="after")
-    def _agrees(self) -> EndToEndEntry:
-        if len(self.epoch_seconds) != self.epochs_timed:
-            raise ValueError(f"{len(self.epoch_seconds)} epoch_seconds for epochs_timed {self.epochs_timed}")
-        _contains(self.overhead_vs_synthetic_ci95, self.overhead_vs_synthetic, "overhead_vs_synthetic")
-        _contains(self.ratio_to_memory_ci95, self.ratio_to_memory or 0, "ratio_to_memory") \
-            if self.ratio_to_memory is not None else None
-        return self
-
-
-class EndToEndFile(Recorded):
-    pipelines: dict[Pipeline, EndToEndEntry] = Field(min_length=1)
-    inductor_config: dict[str, Any] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _collect(cls, data: object) -> object:
-        return _pipelines(data, "seconds")
 
 
 # ---------------------------------------------------------------------------------------------

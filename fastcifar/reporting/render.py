@@ -13,18 +13,19 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..utils import ArgumentParser, UserError, read_bounded, run_cli, signals_held
-from . import ladder
+from . import ladder, resolution
 from .columns import Machine, machines
 from .evidence import bench_options, startup_before_after, startup_first_round, step_options
-from .stats import describe
+from .stats import decimals, describe, prediction95
 from .tables import ci95, details, pm, spec_stats, startup_stats
-from .verdicts import TARGETS, target, target_verdict, verdict  # noqa: F401 (the tests' render.verdict)
+from .verdicts import TARGETS, across_processes, target, target_verdict, verdict  # noqa: F401 (tests' verdict)
 
 MAX_DOCUMENT_BYTES = 4 << 20
 START, END = "<!-- rendered from docs/results/ by `make docs`: {} -->", "<!-- end of rendered: {} -->"
@@ -42,8 +43,8 @@ def _spec_cell(key: str, fmt: str, unit: str, scale: float = 1.0) -> Callable[[M
 
 
 def loader_ratio(m: Machine) -> tuple[float, list[float] | None] | None:
-    """ffcv / torch images/s and a conservative 95 % interval: the ratio of the per-epoch rates'
-    interval ends (ffcv's low end over torch's high end, and the reverse)."""
+    """ffcv / torch images/s of the column's first loader process, and a conservative 95 % interval within it:
+    the ratio of the per-epoch rates' interval ends (ffcv's low end over torch's high end, and the reverse)."""
     if not m.loader or "ffcv" not in m.loader.pipelines or "torch" not in m.loader.pipelines:
         return None
     pipelines = m.loader.pipelines
@@ -58,35 +59,58 @@ def loader_ratio(m: Machine) -> tuple[float, list[float] | None] | None:
     return ratio, [f["ci95"][0] / t["ci95"][1], f["ci95"][1] / t["ci95"][0]]
 
 
+def _processes(values: list[float], pi: list[float] | None, fmt: str, scale: float = 1.0, unit: str = "") -> str:
+    """'processes a, b, c; one more process, 95 %: lo to hi', in `unit` after `scale`, with no more digits than
+    that interval supports."""
+    d = decimals(scale * pi[0], scale * pi[1]) if pi else 2
+
+    def show(v: float) -> str:
+        return f"{scale * v:{fmt}.{d}f}{unit}"
+
+    where = f"; one more process, 95 %: {show(pi[0])} to {show(pi[1])}" if pi else ""
+    return f"processes {', '.join(show(v) for v in values)}{where}"
+
+
+def _mean(values: list[float], pi: list[float] | None, fmt: str = "", scale: float = 1.0, unit: str = "") -> str:
+    d = decimals(scale * pi[0], scale * pi[1]) if pi else 2
+    return f"{scale * statistics.fmean(values):{fmt}.{d}f}{unit}"
+
+
 def cell_loader(m: Machine) -> str:
-    got = loader_ratio(m)
-    if got is None:
+    """ffcv over torch, isolated, judged between the column's loader processes."""
+    ratios = m.loader_ratios()
+    if not ratios:
         return "not measured"
-    ratio, ci = got
-    return (f"{m.loader.pipelines['ffcv']['images_per_s']:,.0f} images/s, {ratio:.2f}× `torch` "
-            f"({ci95(ci, '.2f', unit='×')}): {target_verdict('loader', ci)}")
+    pi, judged = across_processes("loader", ratios)
+    rate = m.loader.pipelines["ffcv"].images_per_s
+    if len(ratios) == 1:  # measured before the rule: the within-process interval is shown, never judged
+        _, ci = loader_ratio(m)
+        return (f"{rate:,.0f} images/s, {ratios[0]:.2f}× `torch` (within one process: {ci95(ci, '.2f', unit='×')})"
+                f": {judged}")
+    return (f"{rate:,.0f} images/s (first process), {_mean(ratios, pi, unit='×')} `torch` "
+            f"({_processes(ratios, pi, '', unit='×')}): {judged}")
+
+
+def _before_the_rule(files: list) -> str:
+    r = files[0].pipelines["ffcv"]
+    steps = r.train_images // 128 + bool(r.train_images % 128)
+    n = "one process" if len(files) == 1 else f"{len(files)} processes"
+    return (f"not resolved ({n} of {r.epochs_timed} rounds of {steps} steps in a rotated order: not whole epochs "
+            "in a drawn order, measured before the rule)")
 
 
 def cell_e2e(m: Machine) -> str:
-    """The column's end-to-end process; where more processes were measured (end-to-end-processes/), the
-    verdict is every process's: met only when each one's interval lies below the target."""
-    if not m.e2e or "ffcv" not in m.e2e.pipelines:
+    """ffcv's epoch over synthetic's in the same process and round, judged between the column's processes; a
+    column of slices of epochs in a rotated order (before the rule) shows its figures, never a verdict."""
+    files = m.e2e_files()
+    if not files:
         return "not measured"
-    r, rounds = m.e2e.pipelines["ffcv"], m.e2e.pipelines["ffcv"].get("epochs_timed")
-    ci = r.get("overhead_vs_synthetic_ci95")
-    cell = (f"{100 * r['overhead_vs_synthetic']:+.1f} % ({ci95(ci, '+.1f', 100, ' %')}; {rounds} rounds of "
-            f"{r['train_images'] // 128 + bool(r['train_images'] % 128)} steps)")
-    others = [data.pipelines["ffcv"] for _, data in m.e2e_processes if "ffcv" in data.pipelines]
-    if not others:
-        return f"{cell}: {target_verdict('end_to_end', ci)}"
-    verdicts = [target_verdict("end_to_end", o.get("overhead_vs_synthetic_ci95")) for o in [r, *others]]
-    each = "; ".join(f"{100 * o['overhead_vs_synthetic']:+.1f} % "
-                     f"({ci95(o.get('overhead_vs_synthetic_ci95'), '+.1f', 100, ' %')}, {o['epochs_timed']} rounds)"
-                     for o in others)
-    met = sum(v == "**met**" for v in verdicts)
-    overall = "**met**" if met == len(verdicts) else "**not met**" if all(v == "**not met**" for v in verdicts) \
-        else "not resolved"
-    return f"{cell}; the other processes {each}: met in {met} of {len(verdicts)} processes: {overall}"
+    values = [f.pipelines["ffcv"].overhead_vs_synthetic for f in files]
+    if not all(f.whole_epochs() for f in files):
+        return f"{100 * statistics.fmean(values):+.1f} % (mean over processes): {_before_the_rule(files)}"
+    pi, judged = across_processes("end_to_end", values)
+    return (f"{_mean(values, pi, '+', 100, ' %')} (whole epochs; {_processes(values, pi, '+', 100, ' %')}): "
+            f"{judged}")
 
 
 def _cell_startup(key: str, name: str) -> Callable[[Machine], str]:
@@ -127,20 +151,30 @@ def cell_epoch_utilisation(m: Machine) -> str:
 
 
 def cell_floor_vs_training(m: Machine) -> str:
-    """Training never beats its floor: the spec's training rate (each seed a process) against the floor's
-    interval (where several processes were measured: where one more process lands)."""
-    floor = m.compute_floor()
-    spec = spec_stats(m, "epoch_time_s")
-    if not (floor and floor["ci"] and spec):
+    """Training (the trainer's loop on `ffcv`) against its floor (`synthetic`: the same loop, graphs and process,
+    no loading): its rate over the floor's, one ratio per end-to-end process, judged between them. Training
+    beats its floor only where the whole interval lies above 1."""
+    files = m.e2e_files()
+    if not files:
         return "not measured"
-    train = 45_000 / spec["mean"]
-    high = floor["ci"][1]
-    return (f"training {train:.0f} images/s, floor {floor['images_per_s']:.0f} "
-            f"({ci95(floor['ci'], '.0f')}; {floor['of']}): "
-            + ("below the floor's upper bound" if train <= high else "**training beats its floor**"))
+    ratios = [f.pipelines["synthetic"].seconds / f.pipelines["ffcv"].seconds for f in files]
+    if not all(f.whole_epochs() for f in files):
+        return f"{100 * statistics.fmean(ratios):.0f} % of the floor's rate: {_before_the_rule(files)}"
+    pi = prediction95(ratios)
+    judged = ("not resolved (fewer than 3 processes)" if len(ratios) < 3 or not pi else
+              "**training beats its floor**" if pi[0] > 1 else "below its floor" if pi[1] < 1 else
+              "not resolved (at its floor)")
+    return (f"training at {_mean(ratios, pi, '', 100, ' %')} of its floor's rate (`ffcv` against `synthetic`, "
+            f"whole epochs, the same process and graphs; {_processes(ratios, pi, '', 100, ' %')}): {judged}")
 
 
 def cell_step_limit(m: Machine) -> str:
+    """The compute-only step over its own limit, a ratio per floor process (each over its own limit), judged
+    by the prediction interval of one more process; a column without those shows its one process, unjudged."""
+    ratios = m.step_limit_ratios()
+    if ratios:
+        pi, judged = across_processes("step_limit", ratios)
+        return f"{_mean(ratios, pi, unit='×')} its own limit ({_processes(ratios, pi, '', unit='×')}): {judged}"
     if not m.breakdown:
         return "not measured"
     floor, limit = m.breakdown["floor"], m.breakdown["limit"]
@@ -162,7 +196,7 @@ HEADLINE: list[tuple[str, Callable[[Machine], str]]] = [
     ("test accuracy (10,000)", _spec_cell("test_accuracy", ".2f", " %", 100)),
     (f"utilisation: compute-only floor ({target('utilisation')})", cell_utilisation),
     ("utilisation: the spec's mean epoch", cell_epoch_utilisation),
-    ("the spec's training rate against the compute-only floor", cell_floor_vs_training),
+    ("training (`ffcv`) against its compute-only floor (`synthetic`, in the same processes)", cell_floor_vs_training),
     (f"compute-only step against its own limit ({target('step_limit')})", cell_step_limit),
     (f"start-up, `--compile`, compile caches warm ({target('startup')})", _cell_startup("startup_s", "startup")),
     (f"… of which the data pipeline ({target('data_pipeline')})", _cell_startup("data_pipeline_s", "data_pipeline")),
@@ -183,6 +217,10 @@ def _step_vs_limit(m: Machine) -> str:
     return f"{step:.0f} ms, {step / limit:.2f}× its own limit"
 
 
+def _one(values: list[float]) -> str:
+    return f" ({len(values)} process{'es' if len(values) > 1 else ''})"
+
+
 def _summary_cells(m: Machine) -> list[str]:
     """The README's column: a few figures, each in a unit a newcomer reads without the docs."""
     def mean(key: str) -> float | None:
@@ -193,8 +231,8 @@ def _summary_cells(m: Machine) -> list[str]:
     gflops = [r.utilisation.mean_epoch.gflops for r in m.runs if r.utilisation is not None]
     rate = m.rate()
     warm = startup_stats(m, "startup_s")
-    ratio = loader_ratio(m)
-    e2e = m.e2e.pipelines.get("ffcv") if m.e2e else None
+    ratios = m.loader_ratios()
+    e2e = [f.pipelines["ffcv"].overhead_vs_synthetic for f in m.e2e_files()]
     took = sum(s.seconds or 0 for s in m.measure.stages.values()) if m.measure else 0
     na = "not measured"
     return [
@@ -204,8 +242,8 @@ def _summary_cells(m: Machine) -> list[str]:
         (f"{describe(gflops)['mean']:.0f} of {rate:.0f} GFLOP/s ({100 * describe(gflops)['mean'] / rate:.0f} %)"
          if gflops and rate else na),
         (f"{warm['mean']:.1f} s warm, {cell_cold(m)} cold" if warm else na).replace(" (one step) cold", " cold"),
-        f"{ratio[0]:.1f}× the DataLoader's images/s" if ratio else na,
-        f"{100 * e2e['overhead_vs_synthetic']:+.1f} % epoch time" if e2e else na,
+        f"{statistics.fmean(ratios):.1f}× the DataLoader's images/s{_one(ratios)}" if ratios else na,
+        f"{100 * statistics.fmean(e2e):+.1f} % epoch time{_one(e2e)}" if e2e else na,
         f"{took / 60:.0f} min" if took else "– (measured before `make results`)",
         _setup_cell(m),
         _step_vs_limit(m) if m.breakdown else na,
@@ -246,7 +284,8 @@ def ladder_section(ms: list[Machine]) -> str:
 
 
 SECTIONS = {"README.md": {"summary": summary},
-            "docs/benchmarks.md": {"headline": headline, "ladder": ladder_section, "step-options": step_options,
+            "docs/benchmarks.md": {"headline": headline, "resolution": resolution.table, "ladder": ladder_section,
+                                   "step-options": step_options,
                                    "bench-options": bench_options, "details": details},
             "docs/startup.md": {"before-after": startup_before_after, "first-round": startup_first_round}}
 

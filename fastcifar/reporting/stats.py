@@ -62,3 +62,19 @@ def ratio95(before: list[float], after: list[float]) -> dict:
     t = T975[max(1, min(len(T975), int(df))) - 1] if df <= len(T975) else 1.96  # rounded down: wider
     low, high = math.exp(diff - t * se), math.exp(diff + t * se)
     return {**out, "ci95": [low, high], "resolved": low > 1 or high < 1}
+
+
+def decimals(low: float, high: float) -> int:
+    """No more digits than the spread supports: the last one shown at the order of the interval's half-width."""
+    half = (high - low) / 2
+    return max(0, min(3, -math.floor(math.log10(half)))) if half > 0 else 2
+
+
+def smallest_difference(values: list[float]) -> float | None:
+    """The smallest relative difference between two configurations, each measured in as many processes as
+    `values` and spread as they are, that a 95 % two-sided t-test tells apart: t(2n - 2) · sd · √(2/n) / mean
+    (the resolution of a column for that quantity). None with fewer than 2 values."""
+    n = len(values)
+    if n < 2:
+        return None
+    return _t975(2 * n - 1) * statistics.stdev(values) * math.sqrt(2 / n) / abs(statistics.fmean(values))

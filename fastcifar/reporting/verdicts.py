@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from .stats import prediction95
+
 # name -> (comparison, bound, unit): the targets docs/benchmarks.md defines; labels and verdicts derive from them.
 TARGETS = {
     "loader": (">=", 5.0, "×"),  # isolated `ffcv` / `torch` images/s
@@ -14,6 +16,8 @@ TARGETS = {
     "utilisation": (">=", 0.65, "%"),  # compute-only floor / attainable fp32 rate
     "step_limit": ("<=", 1.15, "×"),  # the compute-only step / its own limit, per process (>= 5 processes)
 }
+# Separate processes a target's quantity needs before it is judged (the step's limit: 5; every other: 3).
+PROCESSES_NEEDED = {"step_limit": 5}
 
 
 def verdict(ci: Sequence[float] | None, comparison: str, bound: float) -> str:
@@ -36,3 +40,14 @@ def target(name: str) -> str:
 def target_verdict(name: str, ci: Sequence[float] | None) -> str:
     comparison, bound, _ = TARGETS[name]
     return verdict(ci, comparison, bound)
+
+
+def across_processes(name: str, values: Sequence[float]) -> tuple[list[float] | None, str]:
+    """A target judged between processes, each value one process's: (the 95 % prediction interval of one more
+    process — a user's run is one more —, the verdict). With fewer processes than the rule needs the verdict
+    is "not resolved", whatever an interval within one process says."""
+    need, n = PROCESSES_NEEDED.get(name, 3), len(values)
+    pi = prediction95(list(values))
+    if n < need:
+        return pi, f"not resolved ({'one process' if n == 1 else f'{n} processes'}; the rule needs {need})"
+    return pi, target_verdict(name, pi)

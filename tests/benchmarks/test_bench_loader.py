@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from fastcifar.reporting import records
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -44,9 +46,16 @@ def test_isolated_and_end_to_end(small_data, tmp_path):
 
     out = tmp_path / "e2e.json"
     result = bench("--data-dir", str(small_data), "--device", "cpu", "--end-to-end", "--max-steps", "2",
-                   "--repeats", "3", "--no-compile", "--loaders", "memory,ffcv-inline", "--out", str(out))
+                   "--repeats", "3", "--no-compile", "--loaders", "memory,ffcv-inline", "--out", str(out),
+                   "--order-seed", "5", "--warm-up-steps", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
+    from fastcifar.benchmarks.bench_loader import drawn_order
+
+    # the order drawn from --order-seed, recorded with what a reader needs to tell slices from whole epochs
+    assert data["order"] == drawn_order(["memory", "ffcv-inline", "synthetic"], 3, 5) and data["order_seed"] == 5
+    assert data["max_steps"] == 2 and data["warm_up_steps"] == 1
+    assert not records.read_record(out, records.EndToEndFile).whole_epochs()
     assert set(data) >= {"memory", "ffcv-inline", "synthetic"} and data["mode"] == "end_to_end"  # the floor always
     assert data["ffcv-inline"]["epochs_timed"] == 3 and "ffcv-inline" in result.stdout  # a forced variant of ffcv
     assert data["synthetic"]["overhead_vs_synthetic"] == 0.0 and data["memory"]["ratio_to_memory"] == 1.0
@@ -66,13 +75,17 @@ def test_isolated_and_end_to_end(small_data, tmp_path):
         sum(c / s for c, s in zip(cpu, data["synthetic"]["epoch_cpu_s"], strict=True)) / 3 - 1)
 
 
-def test_rounds_rotate_and_pair():
-    """Each pipeline takes every place in a round in turn; ratios are taken within a round."""
-    from fastcifar.benchmarks.bench_loader import paired, rotated
+def test_rounds_are_drawn_and_pair():
+    """Each round's order is drawn from the seed (the same seed, the same order; another process's seed, another
+    order), every pipeline once a round, no fixed successor; ratios are taken within a round."""
+    from fastcifar.benchmarks.bench_loader import drawn_order, paired
 
-    names = ["ffcv", "memory", "synthetic"]
-    orders = [rotated(names, i) for i in range(3)]
-    assert all(sorted(o) == names for o in orders) and {o[0] for o in orders} == set(names)
+    names = ["ffcv", "memory", "synthetic", "torch"]
+    orders = drawn_order(names, 20, seed=1)
+    assert all(sorted(o) == sorted(names) for o in orders) and orders == drawn_order(names, 20, seed=1)
+    assert drawn_order(names, 20, seed=2) != orders
+    after_memory = {o[o.index("memory") + 1] for o in orders if o[-1] != "memory"}
+    assert len(after_memory) > 1  # a rotation would always put the same pipeline after memory
     # A machine twice as fast in round 2 cancels out of the ratio taken within each round.
     out = paired([11.0, 5.5, 11.0], [10.0, 5.0, 10.0], "x", -1)
     assert out["x"] == pytest.approx(0.1) and out["x_per_round"] == pytest.approx([0.1] * 3)

@@ -178,3 +178,22 @@ def test_a_damaged_results_file_is_measured_again_with_its_reason(tmp_path, caps
     runs.mkdir(parents=True)
     (runs / "ffcv-seed0.json").write_bytes(b"\xff")
     assert [p.name for p in measure.stale_runs(runs, lambda env: True)] == ["ffcv-seed0.json"]
+
+
+def test_every_compared_quantity_runs_in_three_processes_whole_epochs_in_a_drawn_order(tmp_path):
+    """The loader alone and end to end each in three stages (separate processes), end to end on whole epochs
+    with each process's own order seed; the forced variants in the first process only; the floor's processes
+    each measure their own limit."""
+    args = argparse.Namespace(data_dir=Path("data"), device="cpu", e2e_repeats=1, e2e_steps=None, floor_processes=5)
+    loaders = [measure.commands(n, args, tmp_path) for n in ("loader", "loader-2", "loader-3")]
+    assert [c[c.index("--out") + 1] for c in loaders] == [str(tmp_path / measure.OUTPUT[n])
+                                                          for n in ("loader", "loader-2", "loader-3")]
+    e2e = {n: measure.commands(n, args, tmp_path) for n in ("end-to-end", "end-to-end-2", "end-to-end-3")}
+    assert all("--max-steps" not in c for c in e2e.values())  # whole epochs
+    assert [c[c.index("--order-seed") + 1] for c in e2e.values()] == ["1", "2", "3"]
+    chosen = {n: c[c.index("--loaders") + 1].split(",") for n, c in e2e.items()}
+    assert "ffcv-inline" in chosen["end-to-end"] and "ffcv-inline" not in chosen["end-to-end-2"]
+    assert {"ffcv", "memory", "torch"} <= set(chosen["end-to-end-3"])
+    assert "--floor-only" not in measure.commands("floor", args, tmp_path)
+    args.e2e_steps = 30  # a smoke run's slices
+    assert measure.commands("end-to-end", args, tmp_path)[-3:-2] == ["30"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ import torch
 from fastcifar import trace_breakdown
 from fastcifar.benchmarks import step_breakdown
 from fastcifar.reporting import records
-from fastcifar.utils import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def children() -> set[int]:
@@ -87,6 +89,34 @@ def test_the_floor_pooled_over_separate_processes(tmp_path):
     assert records.read_record(out, records.FloorFile).floor.processes == 2  # what the renderer reads
 
 
-def test_processes_need_the_floor_alone():
-    with pytest.raises(UserError, match="--processes needs --floor-only"):
-        step_breakdown.main(["--processes", "2"])
+def test_without_floor_only_each_process_measures_its_own_limit(tmp_path, monkeypatch):
+    """--processes N without --floor-only: each child a breakdown of its own (floor and limit, no trace, no
+    picture), and the column reads one step-over-limit ratio per process (the children's work is the
+    single-process breakdown tested above; here what they are asked, and what is read back)."""
+    from fastcifar.reporting.columns import Machine
+    from fastcifar.reporting.machines import machine_name
+
+    committed = ROOT / "docs" / "results" / "amd-epyc-f26m2-avx512-2c" / "step-options-adamw"
+    made = sorted(p for p in committed.glob("*.json") if "limit" in json.loads(p.read_text()))[:2]
+    asked, run = [], subprocess.run
+
+    def child(cmd, **kwargs):
+        if "fastcifar.step_breakdown" not in cmd:  # git, asked by the recorded environment
+            return run(cmd, **kwargs)
+        asked.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.write_text(made[len(asked) - 1].read_text())
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(step_breakdown.subprocess, "run", child)
+    name = machine_name(records.read_record(made[0], records.BreakdownFile).env)
+    out = tmp_path / name / "floor.json"
+    assert step_breakdown.main(["--processes", "2", "--device", "cpu", "--calls", "3", "--out", str(out)]) == 0
+    assert all("--floor-only" not in c and {"--no-trace", "--no-picture"} <= set(c) for c in asked)
+    assert all(c[c.index("--calls") + 1] == "3" and c[c.index("--processes") + 1] == "1" for c in asked)
+    each = [json.loads(p.read_text()) for p in made]
+    pooled = json.loads(out.read_text())
+    pooled["env"]["git_commit"] = each[0]["env"]["git_commit"]  # the column's one commit: the children's
+    out.write_text(json.dumps(pooled))
+    ratios = Machine(out.parent, tmp_path).step_limit_ratios()
+    assert ratios == pytest.approx([e["floor"]["step_ms"] / e["limit"]["step_ms"] for e in each])
