@@ -13,7 +13,8 @@ floor. Measured in its own process, before anything else has run in it:
    that no op covers (Python, dispatch). Nothing is a remainder: the categories are the trace's;
 3. the step's limit from its own parts: every distinct convolution alone (forward and exactly the
    backward kernels the step runs: the stem computes no input gradient), the element-wise kernels'
-   bytes at the machine's measured memory bandwidth, and the optimizer step alone.
+   bytes of each activation size at the bandwidth a triad reaches with arrays of that size, and the
+   optimizer step alone.
 Writes a JSON, a PNG (readable without TensorBoard, whose Overview needs the internet) and the
 trace (TensorBoard's profiler plugin and Perfetto open it).
 
@@ -48,7 +49,8 @@ from ..reporting import records as typed
 from ..reporting.stats import describe, prediction95
 from ..trace_breakdown import STEP_RANGE
 from ..utils import ArgumentParser, UserError, run_cli, writable_file, writable_folder, write_json_atomic
-from .step_limit import bandwidth_gbs, best_ms, conv_limit, conv_shapes, elementwise_bytes
+from .step_limit import bandwidth_by_size, bandwidth_gbs, best_ms, conv_limit, conv_shapes, elementwise_bytes
+from .step_limit import elementwise_ms as elementwise_limit_ms
 
 
 def make_batches(n: int, batch: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -133,13 +135,14 @@ def breakdown(device: torch.device, batch: int, rounds: int, steps: int, profile
     shapes = conv_limit(conv_shapes(model, batch, device), device, calls)
     conv_fwd_flops = sum(s["forward_flops"] * s["count"] for s in shapes)
     conv_bwd_flops = sum(s["backward_flops"] * s["count"] for s in shapes)
-    bandwidth = bandwidth_gbs(device)
+    bandwidth = bandwidth_gbs(device)  # DRAM's, for scale: the limit takes each activation size at its own
     traffic = elementwise_bytes(model, batch, device)
+    by_size = bandwidth_by_size([t["activation_bytes"] for t in traffic["by_size"]], device)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt_ms = best_ms(optimizer.step, device, calls)
     limit = {"convolutions_ms": sum((s["forward_ms"] + s["backward_ms"]) * s["count"] for s in shapes),
-             "elementwise_ms": 1e3 * (traffic["forward"] + traffic["backward"]) / (bandwidth["gbs"] * 1e9),
+             "elementwise_ms": elementwise_limit_ms(traffic, by_size),
              "optimizer_ms": opt_ms}
     limit["step_ms"] = sum(limit.values())
     floor_stats = describe(floor)
@@ -161,7 +164,8 @@ def breakdown(device: torch.device, batch: int, rounds: int, steps: int, profile
         "kernel_profile_build_step_ms": visible_ms,
         "profiled": {"steps": profile_steps, "step_ms": traced["step_ms"], "categories": table,
                      "sum_ms": traced["sum_ms"], "device": traced["device"]},
-        "limit": {**limit, "convolutions": shapes, "bandwidth": bandwidth, "elementwise_bytes": traffic,
+        "limit": {**limit, "convolutions": shapes, "bandwidth": bandwidth, "bandwidth_by_size": by_size,
+                  "elementwise_bytes": traffic,
                   "efficiency": limit["step_ms"] / floor_stats["mean"]},
         "flops": {"train_step": flops["train_step"], "convolution_forward": conv_fwd_flops,
                   "convolution_backward": conv_bwd_flops},
@@ -269,8 +273,11 @@ def summary(result: dict) -> str:
         rate = f"{row['gflops']:.0f} GFLOP/s" if "gflops" in row else f"{row['gbs']:.1f} GB/s" if "gbs" in row else ""
         lines.append(f"{name:<36}{row['ms']:>9.1f}{100 * row['share']:>7.1f}%  {rate}")
     lim = result["limit"]
-    lines.append(f"limit: convolutions alone {lim['convolutions_ms']:.1f} + element-wise at "
-                 f"{lim['bandwidth']['gbs']:.1f} GB/s {lim['elementwise_ms']:.1f} + optimizer {lim['optimizer_ms']:.1f}"
+    sizes = lim.get("bandwidth_by_size")
+    each = ", ".join(f"{b['activation_bytes'] / 2**20:g} MiB {b['gbs']:.0f}" for b in sizes or [])
+    at = f"each activation size's bandwidth ({each} GB/s)" if sizes else f"{lim['bandwidth']['gbs']:.1f} GB/s"
+    lines.append(f"limit: convolutions alone {lim['convolutions_ms']:.1f} + element-wise at {at} "
+                 f"{lim['elementwise_ms']:.1f} + optimizer {lim['optimizer_ms']:.1f}"
                  f" = {lim['step_ms']:.1f} ms; the step takes {1 / lim['efficiency']:.2f}x its limit")
     return "\n".join(lines)
 

@@ -89,15 +89,43 @@ def elementwise_bytes(model: nn.Module, batch: int, device: torch.device) -> dic
     bound: what they must move at least). Forward: each BatchNorm'd activation read twice (its statistics,
     then normalise + ReLU) and written once; each block's residual add two reads and one write. Backward:
     each BatchNorm'd activation's gradient, input and output read and one gradient written (4 passes);
-    each add's gradient read once and written twice."""
-    bn, adds = [0], [0]
-    hooks = [m.register_forward_hook(lambda mod, i, o: bn.__setitem__(0, bn[0] + o.numel() * o.element_size()))
-             for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    hooks += [m.register_forward_hook(lambda mod, i, o: adds.__setitem__(0, adds[0] + o.numel() * o.element_size()))
-              for m in model.modules() if type(m).__name__ == "PreActBlock"]
+    each add's gradient read once and written twice. `by_size`: the same bytes per activation size, the size
+    its kernels stream through (a 2 MiB activation moves at cache speed, a 32 MiB one at DRAM's)."""
+    sizes: dict[int, list[int]] = {}  # activation bytes -> [forward bytes, backward bytes]
+
+    def count(forward: int, backward: int):
+        def hook(mod, i, o) -> None:
+            n = o.numel() * o.element_size()
+            entry = sizes.setdefault(n, [0, 0])
+            entry[0] += forward * n
+            entry[1] += backward * n
+        return hook
+
+    hooks = [m.register_forward_hook(count(3, 4)) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    hooks += [m.register_forward_hook(count(3, 3)) for m in model.modules() if type(m).__name__ == "PreActBlock"]
     with torch.no_grad():
         model(torch.zeros(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last))
     for h in hooks:
         h.remove()
-    return {"forward": 3 * bn[0] + 3 * adds[0], "backward": 4 * bn[0] + 3 * adds[0],
+    return {"forward": sum(f for f, _ in sizes.values()), "backward": sum(b for _, b in sizes.values()),
+            "by_size": [{"activation_bytes": n, "forward": f, "backward": b} for n, (f, b) in sorted(sizes.items())],
             "how": " ".join(elementwise_bytes.__doc__.split())}
+
+
+def bandwidth_by_size(sizes: list[int], device: torch.device, calls: int = 30) -> list[dict]:
+    """The triad's bandwidth with arrays of each activation size: what the element-wise kernels can reach on
+    tensors that size (the larger sizes stream from DRAM, the smaller stay in the caches)."""
+    out = []
+    for nbytes in sizes:
+        n = max(1, nbytes // 4)
+        b, c = torch.rand(n, device=device), torch.rand(n, device=device)
+        a = torch.empty_like(b)
+        ms = best_ms(lambda: torch.add(b, c, alpha=2.0, out=a), device, calls)  # noqa: B023 (called at once)
+        out.append({"activation_bytes": nbytes, "gbs": 3 * n * 4 / (ms / 1e3) / 1e9, "ms": ms})
+    return out
+
+
+def elementwise_ms(traffic: dict, bandwidths: list[dict]) -> float:
+    """The element-wise part of the limit: each activation size's bytes at that size's bandwidth."""
+    gbs = {b["activation_bytes"]: b["gbs"] for b in bandwidths}
+    return sum(1e3 * (t["forward"] + t["backward"]) / (gbs[t["activation_bytes"]] * 1e9) for t in traffic["by_size"])

@@ -246,9 +246,21 @@ class Bandwidth(Record):
     gbs: Positive
 
 
+class SizeBytes(Record):
+    activation_bytes: Count
+    forward: NonNeg
+    backward: NonNeg
+
+
+class SizeBandwidth(Record):
+    activation_bytes: Count
+    gbs: Positive
+
+
 class ElementwiseBytes(Record):
     forward: Positive
     backward: Positive
+    by_size: list[SizeBytes] | None = None  # since the limit takes each activation size at its own bandwidth
 
 
 class Convolution(Record):
@@ -262,6 +274,7 @@ class Limit(Record):
     optimizer_ms: Seconds
     efficiency: Positive
     bandwidth: Bandwidth
+    bandwidth_by_size: list[SizeBandwidth] | None = None
     elementwise_bytes: ElementwiseBytes
     convolutions: Annotated[list[Convolution], Field(min_length=1)]
 
@@ -269,6 +282,14 @@ class Limit(Record):
     def _sums(self) -> Limit:
         if not close(self.step_ms, self.convolutions_ms + self.elementwise_ms + self.optimizer_ms):
             raise ValueError("limit.step_ms is not the sum of its parts")
+        by_size = self.elementwise_bytes.by_size
+        if self.bandwidth_by_size is not None and by_size is not None:
+            gbs = {b.activation_bytes: b.gbs for b in self.bandwidth_by_size}
+            if set(gbs) != {t.activation_bytes for t in by_size}:
+                raise ValueError("bandwidth_by_size does not measure every activation size of elementwise_bytes")
+            if not close(self.elementwise_ms, sum(1e3 * (t.forward + t.backward) / (gbs[t.activation_bytes] * 1e9)
+                                                  for t in by_size)):
+                raise ValueError("limit.elementwise_ms is not each activation size's bytes at its bandwidth")
         return self
 
 

@@ -251,10 +251,20 @@ def breakdown_table(m: Machine) -> list[str]:
                 f"convolutions alone at their shapes, forward and the backward kernels the step runs "
                 f"({lim['convolutions_ms']:.1f} ms), the element-wise kernels' bytes "
                 f"({(lim['elementwise_bytes']['forward'] + lim['elementwise_bytes']['backward']) / 1e9:.2f} GB, "
-                f"derived from the activations' sizes) at the measured bandwidth of {lim['bandwidth']['gbs']:.1f} GB/s "
+                f"derived from the activations' sizes) at {_bandwidth(lim)} "
                 f"({lim['elementwise_ms']:.1f} ms), and the optimizer step alone ({lim['optimizer_ms']:.1f} ms): the "
                 f"step takes {floor['step_ms'] / lim['step_ms']:.2f}× it.", ""]
     return out
+
+
+def _bandwidth(lim: dict) -> str:
+    """The bandwidth the limit's element-wise part used: one DRAM triad, or (since) each activation size's own."""
+    sizes = lim.get("bandwidth_by_size")
+    if not sizes:
+        return f"the measured bandwidth of {lim['bandwidth']['gbs']:.1f} GB/s"
+    each = ", ".join(f"{b['activation_bytes'] / 2**20:g} MiB at {b['gbs']:.0f}" for b in sizes)
+    return (f"each activation size's own bandwidth ({each} GB/s; a triad over 256 MiB: "
+            f"{lim['bandwidth']['gbs']:.0f} GB/s)")
 
 
 def floor_table(m: Machine) -> list[str]:

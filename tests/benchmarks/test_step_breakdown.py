@@ -15,6 +15,7 @@ import torch
 
 from fastcifar import trace_breakdown
 from fastcifar.benchmarks import step_breakdown
+from fastcifar.env import environment
 from fastcifar.reporting import records
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,6 +54,13 @@ def test_the_breakdown_attributes_the_step_from_its_trace(tmp_path, monkeypatch)
         1 for m in step_breakdown.resnetv2_20().modules() if isinstance(m, torch.nn.Conv2d))
     parts = limit["convolutions_ms"] + limit["elementwise_ms"] + limit["optimizer_ms"]
     assert math.isclose(limit["step_ms"], parts) and limit["efficiency"] > 0
+    # the element-wise part: each activation size's bytes at the bandwidth measured at that size
+    by_size, traffic = limit["bandwidth_by_size"], limit["elementwise_bytes"]
+    assert [b["activation_bytes"] for b in by_size] == [t["activation_bytes"] for t in traffic["by_size"]]
+    assert math.isclose(limit["elementwise_ms"], sum(1e3 * (t["forward"] + t["backward"]) / (b["gbs"] * 1e9)
+                                                     for t, b in zip(traffic["by_size"], by_size, strict=True)))
+    assert records.parse(tmp_path / "b.json", {**result, "env": environment(torch.device("cpu"))},
+                         records.BreakdownFile).limit.bandwidth_by_size is not None  # what the renderer reads
     assert any(p.name.endswith(".pt.trace.json.gz") for p in (tmp_path / "trace").iterdir())
 
 
@@ -120,3 +128,17 @@ def test_without_floor_only_each_process_measures_its_own_limit(tmp_path, monkey
     out.write_text(json.dumps(pooled))
     ratios = Machine(out.parent, tmp_path).step_limit_ratios()
     assert ratios == pytest.approx([e["floor"]["step_ms"] / e["limit"]["step_ms"] for e in each])
+
+
+def test_the_element_wise_bytes_per_activation_size():
+    """At batch 128 the BatchNorm'd activations are 2, 4, 8 and 32 MiB (the three stages, and the stem's 64
+    channels); every byte of the totals lies in exactly one size, so the limit takes each at its own bandwidth."""
+    from fastcifar.benchmarks.step_limit import elementwise_bytes, elementwise_ms
+
+    traffic = elementwise_bytes(step_breakdown.resnetv2_20(), 128, torch.device("cpu"))
+    assert [t["activation_bytes"] for t in traffic["by_size"]] == [2 * 2**20, 4 * 2**20, 8 * 2**20, 32 * 2**20]
+    assert sum(t["forward"] for t in traffic["by_size"]) == traffic["forward"]
+    assert sum(t["backward"] for t in traffic["by_size"]) == traffic["backward"]
+    # at one bandwidth for every size, the part is the old single-triad limit
+    same = [{"activation_bytes": t["activation_bytes"], "gbs": 50.0} for t in traffic["by_size"]]
+    assert math.isclose(elementwise_ms(traffic, same), 1e3 * (traffic["forward"] + traffic["backward"]) / 50e9)
