@@ -32,6 +32,9 @@ OPTIONS: dict[str, dict[str, str]] = {
     "omp-bind-cores": {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"},  # one thread pinned per core
     "inductor-max-autotune": {"TORCHINDUCTOR_MAX_AUTOTUNE": "1"},  # Inductor's CPU autotuning
     "inductor-cpp-wrapper": {"TORCHINDUCTOR_CPP_WRAPPER": "1"},  # no Python between the step's kernels
+    # the allocations inside the compiled graphs: Inductor's memory planning pools each graph's buffers into few
+    # allocations (its default reuses buffers one by one; the breakdown's "allocation and graph overhead")
+    "inductor-memory-planning": {"TORCHINDUCTOR_MEMORY_PLANNING": "1"},
     # AdamW fused is the default (optim.adamw): torch's other two tried against it
     "adamw-for-loop": {"FASTCIFAR_ADAMW": "for-loop"},  # torch's CPU default: six ops and an .item() per parameter
     "adamw-foreach": {"FASTCIFAR_ADAMW": "foreach"},  # one op per kind over all parameters
