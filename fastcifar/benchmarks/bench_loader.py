@@ -116,9 +116,8 @@ class EndToEnd:
         self.sizes = warm_up_run(self.net, self.model, {"train": self.train}, device, args.batch_size,
                                  args.max_steps, None)["train"]  # the batch sizes compiled: static graphs
         self.epochs: list[dict] = []
-        warm_up = getattr(args, "warm_up_steps", None)
-        self.epoch(timed=False, steps=min(s for s in (warm_up, args.max_steps) if s is not None)
-                   if warm_up or args.max_steps else None)
+        untimed = [s for s in (args.warm_up_steps, args.max_steps) if s]  # the fewer; none: a whole epoch
+        self.epoch(timed=False, steps=min(untimed) if untimed else None)
 
     def epoch(self, timed: bool = True, steps: int | None = None) -> None:
         """One epoch (timed: `max_steps` steps, whole by default), or an untimed one of `steps` steps."""

@@ -325,8 +325,17 @@ def test_a_document_that_cannot_be_replaced_is_found_before_any_is(checkout, cap
         startup.write_bytes((ROOT / "docs" / "startup.md").read_bytes())
 
 
-def test_sigint_during_the_swap_is_held_until_every_document_is_in(checkout, monkeypatch, stale_readme):
-    """The first rename sends this process SIGINT: it arrives only after the last rename."""
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raising KeyboardInterrupt in this process, as in a terminal, and afterwards what it was."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_sigint_during_the_swap_is_held_until_every_document_is_in(checkout, monkeypatch, stale_readme, sigint_raises):
+    """The first rename sends this process SIGINT: it arrives only after the last rename. (SIGINT raises here
+    whatever this process inherited: started in the background by a shell without job control, it was ignored.)"""
     real, calls = os.replace, []
 
     def replace(src, dst):
