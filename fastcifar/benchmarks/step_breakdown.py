@@ -47,9 +47,10 @@ from ..model import resnetv2_20
 from ..optim import adamw
 from ..reporting import records as typed
 from ..reporting.stats import describe, prediction95
+from ..reporting.tables import convolutions_line
 from ..trace_breakdown import STEP_RANGE
 from ..utils import ArgumentParser, UserError, run_cli, writable_file, writable_folder, write_json_atomic
-from .step_limit import bandwidth_by_size, bandwidth_gbs, best_ms, conv_limit, conv_shapes, elementwise_bytes
+from .step_limit import bandwidth_by_size, bandwidth_gbs, best_ms, conv_limit, conv_shapes, elementwise_bytes, in_step
 from .step_limit import elementwise_ms as elementwise_limit_ms
 
 
@@ -90,9 +91,11 @@ def time_rounds(step: Callable, batches: list, device: torch.device, rounds: int
     return out
 
 
-def profile(step: Callable, batches: list, device: torch.device, steps: int, trace_dir: Path | None) -> dict:
+def profile(step: Callable, batches: list, device: torch.device, steps: int,
+            trace_dir: Path | None) -> tuple[dict, list[dict]]:
     """A profile of `steps` steps, each in the shared step range, classified from its trace file by the
-    classifier `train --profile` uses (`trace_breakdown`); the trace kept in `trace_dir` when given."""
+    classifier `train --profile` uses (`trace_breakdown`), and the trace's events (recorded with the ops'
+    shapes: each convolution's time in the step); the trace kept in `trace_dir` when given."""
     import tempfile
 
     from torch.profiler import ProfilerActivity, record_function, tensorboard_trace_handler
@@ -102,13 +105,13 @@ def profile(step: Callable, batches: list, device: torch.device, steps: int, tra
         folder = Path(trace_dir or scratch)
         before = set(folder.glob("*.pt.trace.json.gz"))
         handler = tensorboard_trace_handler(str(folder), worker_name="step_breakdown", use_gzip=True)
-        with torch.profiler.profile(activities=activities, on_trace_ready=handler):
+        with torch.profiler.profile(activities=activities, on_trace_ready=handler, record_shapes=True):
             for i in range(steps):
                 with record_function(STEP_RANGE):
                     step(*batches[i % len(batches)])
             synchronize(device)
         (trace,) = set(folder.glob("*.pt.trace.json.gz")) - before
-        return trace_breakdown.breakdown(trace)
+        return trace_breakdown.breakdown(trace), trace_breakdown.read_trace(trace)
 
 
 def breakdown(device: torch.device, batch: int, rounds: int, steps: int, profile_steps: int, calls: int,
@@ -128,11 +131,12 @@ def breakdown(device: torch.device, batch: int, rounds: int, steps: int, profile
     torch._dynamo.reset()
     _, _, visible = spec_step(device, compile_model=True)
     visible_ms = time_rounds(visible, batches, device, 1, steps)[0]
-    traced = profile(visible, batches, device, profile_steps, trace_dir)
+    traced, events = profile(visible, batches, device, profile_steps, trace_dir)
     inductor_config.cpp.enable_kernel_profile = False
 
     flops = step_flops(batch)
     shapes = conv_limit(conv_shapes(model, batch, device), device, calls)
+    convs_in_step = in_step(events, shapes, profile_steps)  # each shape in the (profiled) step against alone
     conv_fwd_flops = sum(s["forward_flops"] * s["count"] for s in shapes)
     conv_bwd_flops = sum(s["backward_flops"] * s["count"] for s in shapes)
     bandwidth = bandwidth_gbs(device)  # DRAM's, for scale: the limit takes each activation size at its own
@@ -169,7 +173,7 @@ def breakdown(device: torch.device, batch: int, rounds: int, steps: int, profile
                   "efficiency": limit["step_ms"] / floor_stats["mean"]},
         "flops": {"train_step": flops["train_step"], "convolution_forward": conv_fwd_flops,
                   "convolution_backward": conv_bwd_flops},
-        "attainable_fp32": probe,
+        "attainable_fp32": probe, "convolutions_in_step": convs_in_step,
         "trace_dir": str(trace_dir) if trace_dir else None,
     }
 
@@ -279,6 +283,9 @@ def summary(result: dict) -> str:
     lines.append(f"limit: convolutions alone {lim['convolutions_ms']:.1f} + element-wise at {at} "
                  f"{lim['elementwise_ms']:.1f} + optimizer {lim['optimizer_ms']:.1f}"
                  f" = {lim['step_ms']:.1f} ms; the step takes {1 / lim['efficiency']:.2f}x its limit")
+    conv = result.get("convolutions_in_step")
+    if conv and conv["shapes"]:
+        lines.append(convolutions_line(conv))
     return "\n".join(lines)
 
 

@@ -129,3 +129,42 @@ def elementwise_ms(traffic: dict, bandwidths: list[dict]) -> float:
     """The element-wise part of the limit: each activation size's bytes at that size's bandwidth."""
     gbs = {b["activation_bytes"]: b["gbs"] for b in bandwidths}
     return sum(1e3 * (t["forward"] + t["backward"]) / (gbs[t["activation_bytes"]] * 1e9) for t in traffic["by_size"])
+
+
+LAYOUT_COPIES = ("aten::to", "aten::_to_copy", "aten::copy_", "aten::clone", "aten::contiguous")
+
+
+def in_step(events: list[dict], shapes: list[dict], steps: int) -> dict:
+    """Each convolution shape's time inside the profiled steps (ms per step, from a trace recorded with shapes),
+    beside its time alone: where a step's convolutions lose against the limit; and the layout conversions inside
+    `convolution_backward` (the copies a channels-last backward would need when its operands' layouts differ),
+    own time per step: whether those are the loss."""
+    def key(dims: list, w: int) -> tuple | None:
+        return (tuple(dims[w - 1][1:]), tuple(dims[w])) if len(dims) > w and dims[w] and dims[w - 1] else None
+
+    forward: dict[tuple, float] = {}
+    backward: dict[tuple, float] = {}
+    for e in events:
+        dims = (e.get("args") or {}).get("Input Dims") or []
+        if e["name"] == "aten::convolution" and (k := key(dims, 1)):
+            forward[k] = forward.get(k, 0.0) + e["dur"] / 1e3 / steps
+        elif e["name"] == "aten::convolution_backward" and (k := key(dims, 2)):
+            backward[k] = backward.get(k, 0.0) + e["dur"] / 1e3 / steps
+    rows = []
+    for s in shapes:
+        k = (tuple(s["input"][1:]), (s["out_channels"], s["input"][1], *s["kernel"]))
+        if k in forward and k in backward:
+            rows.append({"input": s["input"], "out_channels": s["out_channels"], "kernel": s["kernel"],
+                         "stride": s["stride"], "count": s["count"], "step_forward_ms": forward[k],
+                         "step_backward_ms": backward[k], "alone_forward_ms": s["forward_ms"] * s["count"],
+                         "alone_backward_ms": s["backward_ms"] * s["count"]})
+    def within(e: dict, outer: dict) -> bool:
+        return e.get("tid") == outer.get("tid") and outer["ts"] <= e["ts"] and e["ts"] + e["dur"] <= outer["ts"] + \
+            outer["dur"]
+
+    backs = [e for e in events if e["name"] == "aten::convolution_backward"]
+    copies = [e for e in events if e["name"] in LAYOUT_COPIES and any(within(e, b) for b in backs)]
+    outermost = [e for e in copies if not any(o is not e and within(e, o) for o in copies)]  # to > _to_copy > copy_
+    copies_ms = sum(e["dur"] for e in outermost) / 1e3
+    return {"shapes": rows, "layout_copies_in_backward_ms": copies_ms / steps,
+            "how": " ".join(in_step.__doc__.split())}

@@ -293,11 +293,29 @@ class Limit(Record):
         return self
 
 
+class ConvInStep(Record):
+    input: list[Count]
+    out_channels: Count
+    kernel: list[Count]
+    stride: list[Count]
+    count: Count
+    step_forward_ms: Seconds
+    step_backward_ms: Seconds
+    alone_forward_ms: Seconds
+    alone_backward_ms: Seconds
+
+
+class ConvsInStep(Record):
+    shapes: list[ConvInStep]
+    layout_copies_in_backward_ms: NonNegSeconds
+
+
 class BreakdownFile(FloorFile):
     profiled: Profiled
     limit: Limit
     attainable_fp32: ProbePart
     kernel_profile_build_step_ms: Seconds
+    convolutions_in_step: ConvsInStep | None = None  # since each convolution's time in the step was read
 
     @model_validator(mode="after")
     def _ratio(self) -> BreakdownFile:

@@ -254,7 +254,23 @@ def breakdown_table(m: Machine) -> list[str]:
                 f"derived from the activations' sizes) at {_bandwidth(lim)} "
                 f"({lim['elementwise_ms']:.1f} ms), and the optimizer step alone ({lim['optimizer_ms']:.1f} ms): the "
                 f"step takes {floor['step_ms'] / lim['step_ms']:.2f}× it.", ""]
+    conv = b.get("convolutions_in_step")
+    if conv and conv["shapes"]:
+        out += [convolutions_line(conv)[0].upper() + convolutions_line(conv)[1:] + ".", ""]
     return out
+
+
+def convolutions_line(conv: dict) -> str:
+    """The convolutions in the (profiled) step against alone, and the layout copies inside their backward."""
+    rows = conv["shapes"]
+    f = sum(r["step_forward_ms"] for r in rows) / sum(r["alone_forward_ms"] for r in rows)
+    b = sum(r["step_backward_ms"] for r in rows) / sum(r["alone_backward_ms"] for r in rows)
+    worst = max(rows, key=lambda r: r["step_backward_ms"] + r["step_forward_ms"] - r["alone_backward_ms"]
+                - r["alone_forward_ms"])
+    return (f"convolutions in the profiled step against alone: forward {f:.2f}x, backward {b:.2f}x (most lost: "
+            f"input {'x'.join(map(str, worst['input'][1:]))} -> {worst['out_channels']}, {worst['kernel'][0]}x"
+            f"{worst['kernel'][1]} stride {worst['stride'][0]}); layout copies inside convolution_backward: "
+            f"{conv['layout_copies_in_backward_ms']:.2f} ms per step")
 
 
 def _bandwidth(lim: dict) -> str:

@@ -59,8 +59,12 @@ def test_the_breakdown_attributes_the_step_from_its_trace(tmp_path, monkeypatch)
     assert [b["activation_bytes"] for b in by_size] == [t["activation_bytes"] for t in traffic["by_size"]]
     assert math.isclose(limit["elementwise_ms"], sum(1e3 * (t["forward"] + t["backward"]) / (b["gbs"] * 1e9)
                                                      for t, b in zip(traffic["by_size"], by_size, strict=True)))
-    assert records.parse(tmp_path / "b.json", {**result, "env": environment(torch.device("cpu"))},
-                         records.BreakdownFile).limit.bandwidth_by_size is not None  # what the renderer reads
+    read = records.parse(tmp_path / "b.json", {**result, "env": environment(torch.device("cpu"))},
+                         records.BreakdownFile)  # what the renderer reads
+    assert read.limit.bandwidth_by_size is not None
+    # every convolution shape found in the profiled step (the trace records shapes), beside its time alone
+    assert len(read.convolutions_in_step.shapes) == len(limit["convolutions"])
+    assert "layout copies inside convolution_backward" in step_breakdown.summary(result)
     assert any(p.name.endswith(".pt.trace.json.gz") for p in (tmp_path / "trace").iterdir())
 
 
@@ -142,3 +146,30 @@ def test_the_element_wise_bytes_per_activation_size():
     # at one bandwidth for every size, the part is the old single-triad limit
     same = [{"activation_bytes": t["activation_bytes"], "gbs": 50.0} for t in traffic["by_size"]]
     assert math.isclose(elementwise_ms(traffic, same), 1e3 * (traffic["forward"] + traffic["backward"]) / 50e9)
+
+
+def test_each_convolution_in_the_step_is_found_by_its_shapes_and_copies_counted_once():
+    """A trace with shapes: a forward and a backward event per convolution, keyed by input and weight dims; the
+    layout copies nested inside convolution_backward (to > _to_copy > copy_) counted once, outside it never."""
+    from fastcifar.benchmarks.step_limit import in_step
+
+    shape = {"input": [8, 16, 32, 32], "out_channels": 32, "kernel": [3, 3], "stride": [2, 2], "count": 1,
+             "forward_ms": 1.0, "backward_ms": 2.0}
+    dims_f, dims_b = [[8, 16, 32, 32], [32, 16, 3, 3], []], [[8, 32, 16, 16], [8, 16, 32, 32], [32, 16, 3, 3]]
+    events = []
+    for step in range(2):
+        t = step * 10_000
+        events += [{"name": "aten::convolution", "ts": t, "dur": 1500, "tid": 1, "args": {"Input Dims": dims_f}},
+                   {"name": "aten::convolution_backward", "ts": t + 2000, "dur": 3000, "tid": 2,
+                    "args": {"Input Dims": dims_b}},
+                   {"name": "aten::to", "ts": t + 2100, "dur": 400, "tid": 2},
+                   {"name": "aten::_to_copy", "ts": t + 2150, "dur": 300, "tid": 2},
+                   {"name": "aten::copy_", "ts": t + 2200, "dur": 200, "tid": 2},
+                   {"name": "aten::copy_", "ts": t + 6000, "dur": 900, "tid": 2}]  # outside the backward
+    got = in_step(events, [shape], steps=2)
+    (row,) = got["shapes"]
+    assert row["step_forward_ms"] == 1.5 and row["step_backward_ms"] == 3.0
+    assert row["alone_forward_ms"] == 1.0 and row["alone_backward_ms"] == 2.0
+    assert got["layout_copies_in_backward_ms"] == 0.4
+    other = {**shape, "out_channels": 64}  # another weight: not this event's
+    assert in_step(events, [other], steps=2)["shapes"] == []
