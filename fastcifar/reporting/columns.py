@@ -94,9 +94,11 @@ class Machine:
         self._check_pooled()
         self._check_graphs(main)
         commits = self.commits()
-        if len(commits) > 1 and not set(commits) <= set(self.note.get("commits") or []):
+        listed = set(self.note.get("commits") or [])
+        if len(commits) > 1 and not set(commits) <= listed:
             column = Counter(_short(r.env.git_commit) for _, r in main).most_common(1)[0][0]
-            where, other = next((p, _short(r.env.git_commit)) for p, r in main if _short(r.env.git_commit) != column)
+            where, other = next((p, _short(r.env.git_commit)) for p, r in main
+                                if _short(r.env.git_commit) not in {column, *listed})  # a commit nothing allows
             raise UserError(f"{where}: measured at {other}, the column's other files at {column}: a column is "
                             "measured at one commit (make results), or its machine.json lists them")
 

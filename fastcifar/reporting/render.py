@@ -72,7 +72,8 @@ def _processes(values: list[float], pi: list[float] | None, fmt: str, scale: flo
 
 
 def _mean(values: list[float], pi: list[float] | None, fmt: str = "", scale: float = 1.0, unit: str = "") -> str:
-    d = decimals(scale * pi[0], scale * pi[1]) if pi else 2
+    """The mean over processes, with the digits one more process's interval supports (one process: one decimal)."""
+    d = decimals(scale * pi[0], scale * pi[1]) if pi else 1
     return f"{scale * statistics.fmean(values):{fmt}.{d}f}{unit}"
 
 
@@ -246,8 +247,8 @@ def _summary_cells(m: Machine) -> list[str]:
         (f"{describe(gflops)['mean']:.0f} of {rate:.0f} GFLOP/s ({100 * describe(gflops)['mean'] / rate:.0f} %)"
          if gflops and rate else na),
         (f"{warm['mean']:.1f} s warm, {cell_cold(m)} cold" if warm else na).replace(" (one step) cold", " cold"),
-        f"{statistics.fmean(ratios):.1f}× the DataLoader's images/s{_one(ratios)}" if ratios else na,
-        f"{100 * statistics.fmean(e2e):+.1f} % epoch time{_one(e2e)}" if e2e else na,
+        f"{_mean(ratios, prediction95(ratios), unit='×')} the DataLoader's images/s{_one(ratios)}" if ratios else na,
+        f"{_mean(e2e, prediction95(e2e), '+', 100, ' %')} epoch time{_one(e2e)}" if e2e else na,
         f"{took / 60:.0f} min" if took else "– (measured before `make results`)",
         _setup_cell(m),
         _step_vs_limit(m) if m.breakdown else na,
