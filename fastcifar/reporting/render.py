@@ -79,13 +79,13 @@ def _mean(values: list[float], pi: list[float] | None, fmt: str = "", scale: flo
 
 def cell_loader(m: Machine) -> str:
     """ffcv over torch, isolated, judged between the column's loader processes."""
-    ratios = m.loader_ratios()
-    if not ratios:
+    ratios, first = m.loader_ratios(), loader_ratio(m)
+    if not ratios or first is None:  # the first process is bench_loader.json; the others only add to it
         return "not measured"
     pi, judged = across_processes("loader", ratios)
     rate = m.loader.pipelines["ffcv"].images_per_s
     if len(ratios) == 1:  # measured before the rule: the within-process interval is shown, never judged
-        _, ci = loader_ratio(m)
+        _, ci = first
         return (f"{rate:,.0f} images/s, {ratios[0]:.2f}× `torch` (within one process: {ci95(ci, '.2f', unit='×')})"
                 f": {judged}")
     return (f"{rate:,.0f} images/s (first process), {_mean(ratios, pi, unit='×')} `torch` "

@@ -36,8 +36,15 @@ def _e2e(overhead: float, whole: bool, seconds: float = 100.0) -> SimpleNamespac
     return SimpleNamespace(pipelines=pipes, whole_epochs=lambda: whole)
 
 
+class Entry(dict):
+    """A record's entry as the cells read it: by key and by attribute."""
+    __getattr__ = dict.__getitem__
+
+
 def column(e2e: list, ratios: list[float] | None = None) -> SimpleNamespace:
-    loader = SimpleNamespace(pipelines={"ffcv": SimpleNamespace(images_per_s=1000.0)})
+    entry = {"images_per_epoch": 45000, "epoch_seconds": [45.0, 45.0]}
+    loader = SimpleNamespace(pipelines={"ffcv": Entry(images_per_s=1000.0, **entry),
+                                        "torch": Entry(images_per_s=100.0, **entry)})
     return SimpleNamespace(e2e_files=lambda: e2e, loader_ratios=lambda: ratios or [], loader=loader)
 
 
@@ -85,3 +92,10 @@ def test_the_resolution_is_the_smallest_difference_a_t_test_tells():
     assert resolution._cell([99.0, 100.0, 101.0], "") == ("3 processes, sd 1.0 % of the mean; smallest "
                                                           "difference told: 2.3 %")
     assert resolution._cell([10.0], "") == "one process: not measured"
+
+
+def test_loader_processes_without_the_first_file_are_not_a_verdict():
+    """loader-processes/ add to bench_loader.json; without it (deleted, never measured) the cell says so."""
+    orphan = column([], [11.2, 11.3, 11.4])
+    orphan.loader = None
+    assert render.cell_loader(orphan) == "not measured"
