@@ -64,7 +64,7 @@ def _is_step(name: str) -> bool:
     return name == STEP_RANGE or name.startswith(PROFILER_STEP)
 
 
-def _nest(events: list[dict]) -> None:
+def nest(events: list[dict]) -> None:
     """Per thread, each event's enclosing events (`_up`, innermost first) and own time (`_self`, µs)."""
     threads: dict[tuple, list[dict]] = defaultdict(list)
     for e in events:
@@ -117,7 +117,7 @@ def _category(name: str, up: list[str], cuda: bool) -> str:
 
 def classify(events: list[dict]) -> dict:
     """ms per step per category, the steps and their mean duration; CUDA when the trace has kernels."""
-    _nest(events)
+    nest(events)
     steps = [e for e in events if _is_step(e["name"]) and not e["_up"] and e.get("cat") != "gpu_user_annotation"]
     if not steps:
         raise UserError(f"the trace has no step range ({PROFILER_STEP}N or {STEP_RANGE}): nothing to attribute")

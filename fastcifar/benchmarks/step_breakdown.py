@@ -47,7 +47,7 @@ from ..model import resnetv2_20
 from ..optim import adamw
 from ..reporting import records as typed
 from ..reporting.stats import describe, prediction95
-from ..reporting.tables import convolutions_line
+from ..reporting.tables import bandwidth_text, convolutions_line
 from ..trace_breakdown import STEP_RANGE
 from ..utils import ArgumentParser, UserError, run_cli, writable_file, writable_folder, write_json_atomic
 from .step_limit import bandwidth_by_size, bandwidth_gbs, best_ms, conv_limit, conv_shapes, elementwise_bytes, in_step
@@ -111,7 +111,8 @@ def profile(step: Callable, batches: list, device: torch.device, steps: int,
                     step(*batches[i % len(batches)])
             synchronize(device)
         (trace,) = set(folder.glob("*.pt.trace.json.gz")) - before
-        return trace_breakdown.breakdown(trace), trace_breakdown.read_trace(trace)
+        events = trace_breakdown.read_trace(trace)  # read once: classified here, its convolutions by shape later
+        return {"trace": trace.name, **trace_breakdown.classify(events)}, events
 
 
 def breakdown(device: torch.device, batch: int, rounds: int, steps: int, profile_steps: int, calls: int,
@@ -277,10 +278,7 @@ def summary(result: dict) -> str:
         rate = f"{row['gflops']:.0f} GFLOP/s" if "gflops" in row else f"{row['gbs']:.1f} GB/s" if "gbs" in row else ""
         lines.append(f"{name:<36}{row['ms']:>9.1f}{100 * row['share']:>7.1f}%  {rate}")
     lim = result["limit"]
-    sizes = lim.get("bandwidth_by_size")
-    each = ", ".join(f"{b['activation_bytes'] / 2**20:g} MiB {b['gbs']:.0f}" for b in sizes or [])
-    at = f"each activation size's bandwidth ({each} GB/s)" if sizes else f"{lim['bandwidth']['gbs']:.1f} GB/s"
-    lines.append(f"limit: convolutions alone {lim['convolutions_ms']:.1f} + element-wise at {at} "
+    lines.append(f"limit: convolutions alone {lim['convolutions_ms']:.1f} + element-wise at {bandwidth_text(lim)} "
                  f"{lim['elementwise_ms']:.1f} + optimizer {lim['optimizer_ms']:.1f}"
                  f" = {lim['step_ms']:.1f} ms; the step takes {1 / lim['efficiency']:.2f}x its limit")
     conv = result.get("convolutions_in_step")

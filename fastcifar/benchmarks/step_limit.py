@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .. import trace_breakdown
 from ..devices import synchronize
 
 
@@ -73,15 +74,21 @@ def conv_limit(shapes: list[dict], device: torch.device, calls: int) -> list[dic
     return [_one_conv(s, device, calls) for s in shapes]
 
 
-def bandwidth_gbs(device: torch.device, mib: int = 256, calls: int = 30) -> dict:
-    """Memory bandwidth on the run's threads: a triad a = b + 2c over `mib` MiB per array, best of `calls`
-    (bytes moved: two reads and one write)."""
-    n = mib * 2**20 // 4
+def _triad(nbytes: int, device: torch.device, calls: int) -> dict:
+    """A triad a = b + 2c over float32 arrays of `nbytes` each, best of `calls` on the run's threads: its ms and
+    GB/s (bytes moved: two reads and one write)."""
+    n = max(1, nbytes // 4)
     b, c = torch.rand(n, device=device), torch.rand(n, device=device)
     a = torch.empty_like(b)
     ms = best_ms(lambda: torch.add(b, c, alpha=2.0, out=a), device, calls)
-    return {"gbs": 3 * n * 4 / (ms / 1e3) / 1e9, "what": f"triad a = b + 2c over {mib} MiB float32 arrays, best of "
-                                                        f"{calls}", "ms": ms}
+    return {"gbs": 3 * n * 4 / (ms / 1e3) / 1e9, "ms": ms}
+
+
+def bandwidth_gbs(device: torch.device, mib: int = 256, calls: int = 30) -> dict:
+    """Memory bandwidth on the run's threads: the triad over `mib` MiB per array (DRAM's, for a large `mib`)."""
+    triad = _triad(mib * 2**20, device, calls)
+    return {"gbs": triad["gbs"], "what": f"triad a = b + 2c over {mib} MiB float32 arrays, best of {calls}",
+            "ms": triad["ms"]}
 
 
 def elementwise_bytes(model: nn.Module, batch: int, device: torch.device) -> dict:
@@ -115,14 +122,7 @@ def elementwise_bytes(model: nn.Module, batch: int, device: torch.device) -> dic
 def bandwidth_by_size(sizes: list[int], device: torch.device, calls: int = 30) -> list[dict]:
     """The triad's bandwidth with arrays of each activation size: what the element-wise kernels can reach on
     tensors that size (the larger sizes stream from DRAM, the smaller stay in the caches)."""
-    out = []
-    for nbytes in sizes:
-        n = max(1, nbytes // 4)
-        b, c = torch.rand(n, device=device), torch.rand(n, device=device)
-        a = torch.empty_like(b)
-        ms = best_ms(lambda: torch.add(b, c, alpha=2.0, out=a), device, calls)  # noqa: B023 (called at once)
-        out.append({"activation_bytes": nbytes, "gbs": 3 * n * 4 / (ms / 1e3) / 1e9, "ms": ms})
-    return out
+    return [{"activation_bytes": nbytes, **_triad(nbytes, device, calls)} for nbytes in sizes]
 
 
 def elementwise_ms(traffic: dict, bandwidths: list[dict]) -> float:
@@ -132,6 +132,8 @@ def elementwise_ms(traffic: dict, bandwidths: list[dict]) -> float:
 
 
 LAYOUT_COPIES = ("aten::to", "aten::_to_copy", "aten::copy_", "aten::clone", "aten::contiguous")
+LAYOUT_COPIES_SET = frozenset(LAYOUT_COPIES)
+BACKWARD = "aten::convolution_backward"
 
 
 def in_step(events: list[dict], shapes: list[dict], steps: int) -> dict:
@@ -148,7 +150,7 @@ def in_step(events: list[dict], shapes: list[dict], steps: int) -> dict:
         dims = (e.get("args") or {}).get("Input Dims") or []
         if e["name"] == "aten::convolution" and (k := key(dims, 1)):
             forward[k] = forward.get(k, 0.0) + e["dur"] / 1e3 / steps
-        elif e["name"] == "aten::convolution_backward" and (k := key(dims, 2)):
+        elif e["name"] == BACKWARD and (k := key(dims, 2)):
             backward[k] = backward.get(k, 0.0) + e["dur"] / 1e3 / steps
     rows = []
     for s in shapes:
@@ -158,13 +160,11 @@ def in_step(events: list[dict], shapes: list[dict], steps: int) -> dict:
                          "stride": s["stride"], "count": s["count"], "step_forward_ms": forward[k],
                          "step_backward_ms": backward[k], "alone_forward_ms": s["forward_ms"] * s["count"],
                          "alone_backward_ms": s["backward_ms"] * s["count"]})
-    def within(e: dict, outer: dict) -> bool:
-        return e.get("tid") == outer.get("tid") and outer["ts"] <= e["ts"] and e["ts"] + e["dur"] <= outer["ts"] + \
-            outer["dur"]
 
-    backs = [e for e in events if e["name"] == "aten::convolution_backward"]
-    copies = [e for e in events if e["name"] in LAYOUT_COPIES and any(within(e, b) for b in backs)]
-    outermost = [e for e in copies if not any(o is not e and within(e, o) for o in copies)]  # to > _to_copy > copy_
-    copies_ms = sum(e["dur"] for e in outermost) / 1e3
+    # each event's enclosing ranges, innermost first, by the classifier's own nesting: a copy counts when a
+    # convolution_backward encloses it and no other copy lies between them (to > _to_copy > copy_ once)
+    trace_breakdown.nest(events)
+    copies_ms = sum(e["dur"] for e in events if e["name"] in LAYOUT_COPIES and BACKWARD in e["_up"]
+                    and not LAYOUT_COPIES_SET.intersection(e["_up"][:e["_up"].index(BACKWARD)])) / 1e3
     return {"shapes": rows, "layout_copies_in_backward_ms": copies_ms / steps,
             "how": " ".join(in_step.__doc__.split())}

@@ -8,9 +8,8 @@ import statistics
 from . import records
 from .columns import Machine
 from .records import PIECES
-from .stats import prediction95
 from .tables import _piece, _settings, settings
-from .verdicts import TARGETS, target, verdict
+from .verdicts import across_processes, target
 
 
 def startup_before_after(ms: list[Machine]) -> str:
@@ -50,26 +49,27 @@ def _step_limit_between_processes(runs: list[dict]) -> str:
     ratios = [r["floor"]["step_ms"] / r["limit"]["step_ms"] for r in runs]
     if not ratios:
         return "No process of the defaults: no step-against-limit verdict from this sweep."
-    pi = prediction95(ratios)
-    comparison, bound, _ = TARGETS["step_limit"]
-    enough = len(ratios) >= 5
-    judged = verdict(pi, comparison, bound) if enough else f"not resolved ({len(ratios)} processes; the rule needs 5)"
+    pi, judged = across_processes("step_limit", ratios)
     where = f"one more process, 95 %: {pi[0]:.2f}–{pi[1]:.2f}×" if pi else "one process: no interval"
     return (f"The defaults' step against its own limit, per process: {', '.join(f'{v:.2f}×' for v in ratios)} "
             f"({where}); {target('step_limit')}: {judged}.")
 
 
-def _defaults(runs: list[dict]) -> list[dict]:
-    """A sweep's processes that ran its own defaults (the settings every process of it shares)."""
+def _by_settings(runs: list[dict]) -> dict[str, list[dict]]:
+    """A sweep's processes by their settings, less the settings every process of it shares (the sweep's own
+    defaults, labelled '(defaults)')."""
     common = dict(set.intersection(*(set(settings(r).items()) for r in runs)))
-    return [r for r in runs if _settings(r, common) == "(defaults)"]
+    by: dict[str, list[dict]] = {}
+    for run in runs:
+        by.setdefault(_settings(run, common), []).append(run)
+    return by
 
 
 def sweep_limit_ratios(m: Machine) -> tuple[list[float], str]:
     """The step over its own limit in the defaults' processes of the column's sweep that has most of them."""
     best: tuple[list[float], str] = ([], "")
     for folder, sweep in m.option_sweeps:
-        runs = _defaults([r for _, r in sweep]) if sweep else []
+        runs = _by_settings([r for _, r in sweep]).get("(defaults)", []) if sweep else []
         ratios = [r["floor"]["step_ms"] / r["limit"]["step_ms"] for r in runs]
         if len(ratios) > len(best[0]):
             best = ratios, f" (the defaults of {folder.name}/)"
@@ -86,10 +86,7 @@ def step_options(ms: list[Machine]) -> str:
         runs = [r for _, r in sweep]
         if not runs:
             continue
-        common = dict(set.intersection(*(set(settings(r).items()) for r in runs)))  # the sweep's own defaults
-        by: dict[str, list[dict]] = {}
-        for run in runs:
-            by.setdefault(_settings(run, common), []).append(run)
+        by = _by_settings(runs)
         base = [_typical(r) for r in by.get("(defaults)", [])]
         commits = sorted({(r["env"].get("git_commit") or "?")[:7] for r in runs})
         out += [f"`{m.name}` ({m.label()}), commit {', '.join(commits)}: the compute-only step "

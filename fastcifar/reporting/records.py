@@ -262,6 +262,13 @@ class ElementwiseBytes(Record):
     backward: Positive
     by_size: list[SizeBytes] | None = None  # since the limit takes each activation size at its own bandwidth
 
+    @model_validator(mode="after")
+    def _whole(self) -> ElementwiseBytes:
+        if self.by_size is not None and not (close(sum(t.forward for t in self.by_size), self.forward)
+                                             and close(sum(t.backward for t in self.by_size), self.backward)):
+            raise ValueError("elementwise_bytes.by_size does not add up to its forward and backward bytes")
+        return self
+
 
 class Convolution(Record):
     count: Count

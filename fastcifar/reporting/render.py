@@ -121,7 +121,7 @@ def _cell_startup(key: str, name: str) -> Callable[[Machine], str]:
             return "not measured"
         spec = spec_stats(m, "startup_s") if key == "startup_s" else None
         own = f"; the spec runs' own, which also compile the last partial batch: {pm(spec, '.1f')} s" if spec else ""
-        values = [v for v in (_piece(run, key) for run in m.startup["warm"]) if v is not None]
+        values = [_piece(run, key) for run in m.startup["warm"]]  # startup_stats' values, one per process
         pi, judged = across_processes(name, values)  # each warm run its own process: a user's next start is one more
         return (f"{pm(stats, '.2f')} s ({stats['n']} warm runs of one step, each a process; one more, 95 %: "
                 f"{ci95(pi, '.2f', unit=' s')}{own}): {judged}")

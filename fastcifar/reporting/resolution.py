@@ -26,13 +26,18 @@ def _e2e(m: Machine) -> tuple[list[float], str]:
             "" if whole or not files else " (slices of epochs, before the rule)")
 
 
+def _step_limit(m: Machine) -> tuple[list[float], str]:
+    """The floor's processes where each measured its own limit, else the sweep with most default processes."""
+    ratios = m.step_limit_ratios()
+    return (ratios, " (the floor's processes)") if ratios else sweep_limit_ratios(m)
+
+
 # (quantity, where it is measured, its values: one per separate process, and a note)
 QUANTITIES: list[tuple[str, Callable[[Machine], tuple[list[float], str]]]] = [
     ("spec epoch time (s; each seed a process)", lambda m: ([r.epoch_time_s for r in m.runs], "")),
     ("compute-only step (ms; the floor's processes)",
      lambda m: (list(m.floor.floor.step_ms_per_process or []) if m.floor else [], "")),
-    ("compute-only step over its own limit (each process its own)",
-     lambda m: (m.step_limit_ratios(), " (the floor's processes)") if m.step_limit_ratios() else sweep_limit_ratios(m)),
+    ("compute-only step over its own limit (each process its own)", _step_limit),
     ("loader alone: `ffcv` / `torch` images/s", lambda m: (m.loader_ratios(), "")),
     ("end to end: `ffcv`'s epoch / `synthetic`'s, same process", _e2e),
     ("start-up, `--compile`, warm (s; each run a process)",

@@ -251,12 +251,13 @@ def breakdown_table(m: Machine) -> list[str]:
                 f"convolutions alone at their shapes, forward and the backward kernels the step runs "
                 f"({lim['convolutions_ms']:.1f} ms), the element-wise kernels' bytes "
                 f"({(lim['elementwise_bytes']['forward'] + lim['elementwise_bytes']['backward']) / 1e9:.2f} GB, "
-                f"derived from the activations' sizes) at {_bandwidth(lim)} "
+                f"derived from the activations' sizes) at {bandwidth_text(lim)} "
                 f"({lim['elementwise_ms']:.1f} ms), and the optimizer step alone ({lim['optimizer_ms']:.1f} ms): the "
                 f"step takes {floor['step_ms'] / lim['step_ms']:.2f}× it.", ""]
     conv = b.get("convolutions_in_step")
     if conv and conv["shapes"]:
-        out += [convolutions_line(conv)[0].upper() + convolutions_line(conv)[1:] + ".", ""]
+        line = convolutions_line(conv)
+        out += [line[0].upper() + line[1:] + ".", ""]
     return out
 
 
@@ -273,7 +274,7 @@ def convolutions_line(conv: dict) -> str:
             f"{conv['layout_copies_in_backward_ms']:.2f} ms per step")
 
 
-def _bandwidth(lim: dict) -> str:
+def bandwidth_text(lim: dict) -> str:
     """The bandwidth the limit's element-wise part used: one DRAM triad, or (since) each activation size's own."""
     sizes = lim.get("bandwidth_by_size")
     if not sizes:

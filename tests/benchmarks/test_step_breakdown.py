@@ -17,6 +17,7 @@ from fastcifar import trace_breakdown
 from fastcifar.benchmarks import step_breakdown
 from fastcifar.env import environment
 from fastcifar.reporting import records
+from fastcifar.utils import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,6 +63,10 @@ def test_the_breakdown_attributes_the_step_from_its_trace(tmp_path, monkeypatch)
     read = records.parse(tmp_path / "b.json", {**result, "env": environment(torch.device("cpu"))},
                          records.BreakdownFile)  # what the renderer reads
     assert read.limit.bandwidth_by_size is not None
+    result["limit"]["elementwise_bytes"]["by_size"][0]["forward"] += 1e6  # the sizes no longer add up: refused
+    with pytest.raises(UserError, match="does not add up"):
+        records.parse(tmp_path / "b.json", {**result, "env": environment(torch.device("cpu"))}, records.BreakdownFile)
+    result["limit"]["elementwise_bytes"]["by_size"][0]["forward"] -= 1e6
     # every convolution shape found in the profiled step (the trace records shapes), beside its time alone
     assert len(read.convolutions_in_step.shapes) == len(limit["convolutions"])
     assert "layout copies inside convolution_backward" in step_breakdown.summary(result)
